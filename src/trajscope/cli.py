@@ -1,0 +1,262 @@
+"""The ``trajscope`` command.
+
+Errors a user causes (an unknown name, a bad value, a missing run) print one line and exit with a
+non-zero code (2 for usage errors), without a traceback. ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+try:  # typer >= 0.2x vendors its own copy of click
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as cx
+
+from trajscope.errors import TrajscopeError, UsageError, unknown_choice
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Record, measure and steer the early phase of PyTorch training.")
+
+EXIT_DIVERGED = 3
+EXIT_CRASHED = 1
+
+RootOpt = typer.Option(None, "--root", help="Runs root directory (default ./runs or $TRAJSCOPE_ROOT).")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object.")
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
+
+
+def _parse_options(items: List[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    final = ", ".join(f"{k} {v:.4g}" for k, v in (s.get("final") or {}).items())
+    typer.echo(f"run {s['run_id']}  {s['status']}  steps {s['steps']}  workload {s.get('workload')}")
+    if final:
+        typer.echo(f"  final: {final}")
+    if s.get("status_reason"):
+        typer.echo(f"  {s['status']} at step {s.get('status_step')}: {s['status_reason']}")
+    if s.get("wall_s"):
+        typer.echo(f"  wall time {s['wall_s']:.1f} s")
+    typer.echo(f"  path: {s['path']}")
+
+
+def _exit_for(status: str) -> None:
+    if status == "diverged":
+        raise typer.Exit(EXIT_DIVERGED)
+    if status == "crashed":
+        raise typer.Exit(EXIT_CRASHED)
+
+
+@app.command()
+def run(
+    workload: str = typer.Argument(..., help="Workload name ('trajscope workloads' lists them)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd, adam, adamw or muon (default: the workload's)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum (Muon momentum for muon)."),
+    nesterov: Optional[bool] = typer.Option(None, "--nesterov/--no-nesterov", help="Nesterov momentum (sgd)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Weight decay."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    schedule: Optional[str] = typer.Option(None, help="constant, warmup-cosine, step or exp."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Warmup steps (warmup-cosine)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
+    seed: int = typer.Option(0, help="Random seed (data split, init, batch order)."),
+    option: List[str] = typer.Option([], "--option", "-o", help="Workload option KEY=VALUE (repeatable)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Data directory (cifar10-resnet20)."),
+    record: str = typer.Option("default", help="Recording preset: default, minimal, full or none."),
+    root: Optional[Path] = RootOpt,
+    name: Optional[str] = typer.Option(None, help="A name for the run (an alias of its id)."),
+    resume: bool = typer.Option(False, help="Continue an existing run of this config from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Delete an existing run of this config first."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train a workload and record the run."""
+    from trajscope import workloads
+    from trajscope.config import RecordConfig, RunConfig
+    from trajscope.train import Trainer
+
+    workloads.get(workload)  # unknown name -> one-line error first
+    options = _parse_options(option)
+    if data_dir is not None:
+        options["data_dir"] = data_dir
+    config = RunConfig.for_workload(
+        workload, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        batch_size=batch_size, steps=steps, schedule=schedule, warmup_steps=warmup_steps, eval_every=eval_every,
+        seed=seed, workload_options=options, record=RecordConfig.preset(record))
+    result = Trainer(config, root=root, name=name, progress=progress and not as_json, resume=resume,
+                     overwrite=overwrite).fit()
+    if as_json:
+        _echo_json(result)
+    else:
+        if result.get("cached"):
+            typer.echo("(this config already has a finished run; --overwrite to train it again)")
+        _print_summary(result)
+    _exit_for(result["status"])
+
+
+@app.command("ls")
+def ls(root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
+    """List the runs under the root."""
+    from trajscope.store import list_runs
+
+    infos = list_runs(root)
+    if as_json:
+        _echo_json({"runs": [i.to_dict() for i in infos]})
+        return
+    if not infos:
+        typer.echo("no runs")
+        return
+    typer.echo(f"{'run id':<14}{'name':<16}{'status':<10}{'steps':>7}  workload")
+    for i in infos:
+        typer.echo(f"{i.run_id:<14}{(i.name or '-'):<16}{i.status:<10}{(i.steps if i.steps is not None else '-'):>7}"
+                   f"  {i.workload or '-'}" + (f"  ({i.error})" if i.error else ""))
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
+         root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
+    """Status, steps, final metrics and files of one run."""
+    from trajscope.store import open_run
+    from trajscope.train import summary
+
+    r = open_run(ref, root)
+    try:
+        s = summary(r)
+        meta = r.meta
+        s.update({"config": r.config, "seed": r.seed, "versions": meta.get("versions"), "host": meta.get("host"),
+                  "started_at": meta.get("started_at"), "ended_at": meta.get("ended_at"),
+                  "scalars": r.scalar_names(), "snapshots": {k: len(r.snapshot_steps(k)) for k in r.snapshot_kinds()},
+                  "sketches": len(r.sketches()[0]), "database": str(r.path / "run.db")})
+    finally:
+        r.close()
+    if as_json:
+        _echo_json(s)
+        return
+    _print_summary(s)
+    typer.echo(f"  scalars: {', '.join(s['scalars'])}")
+    typer.echo(f"  snapshots: {s['snapshots'] or 'none'}; sketches: {s['sketches']}")
+    typer.echo(f"  versions: {s['versions']}")
+
+
+@app.command()
+def export(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
+           fmt: str = typer.Option("parquet", "--format", help="parquet or csv."),
+           out: Optional[str] = typer.Option(None, "--out", help="Output file or fsspec URL (default RUN_ID.FORMAT)."),
+           root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
+    """Export a run's scalars (long format: step, name, value)."""
+    from trajscope.store import open_run
+
+    if fmt not in ("parquet", "csv"):
+        raise unknown_choice("export format", fmt, ("parquet", "csv"))
+    r = open_run(ref, root)
+    try:
+        out = out or f"{r.id}.{fmt}"
+        rows = len(r.scalars())
+        r.export(out, fmt)
+    finally:
+        r.close()
+    if as_json:
+        _echo_json({"run_id": r.id, "format": fmt, "out": out, "rows": rows})
+    else:
+        typer.echo(f"wrote {rows} scalar rows to {out}")
+
+
+@app.command("workloads")
+def list_workloads(as_json: bool = JsonOpt) -> None:
+    """The workloads, one line each."""
+    from trajscope import workloads
+
+    ws = workloads.all_workloads()
+    if as_json:
+        _echo_json({"workloads": [{"name": w.name, "description": w.description, "target": w.target,
+                                   "defaults": dict(w.defaults), "options": dict(w.options)} for w in ws]})
+        return
+    width = max(len(w.name) for w in ws)
+    for w in ws:
+        typer.echo(f"{w.name:<{width}}  {w.description}")
+
+
+@app.command()
+def demo(root: Optional[Path] = RootOpt, steps: int = typer.Option(1000, help="Optimizer steps."),
+         progress: bool = typer.Option(True, "--progress/--no-progress"), as_json: bool = JsonOpt) -> None:
+    """Record mnist1d-cnn with the default recorder and print a summary (about a minute)."""
+    from trajscope.config import RunConfig
+    from trajscope.store import Run
+    from trajscope.train import Trainer
+
+    config = RunConfig.for_workload("mnist1d-cnn", steps=steps)
+    result = Trainer(config, root=root, progress=progress and not as_json, overwrite=True).fit()
+    r = Run.open(result["path"])
+    try:
+        detail = {"scalars": len(r.scalars()), "sketches": len(r.sketches()[0]),
+                  "snapshots": len(r.snapshot_steps("params")), "checkpoints": len(r.snapshot_steps("checkpoint"))}
+    finally:
+        r.close()
+    result["recorded"] = detail
+    if as_json:
+        _echo_json(result)
+    else:
+        _print_summary(result)
+        typer.echo(f"  recorded: {detail['scalars']} scalar values, {detail['sketches']} sketches, "
+                   f"{detail['snapshots']} parameter snapshots, {detail['checkpoints']} checkpoints")
+        typer.echo(f"  next: trajscope show {result['run_id']} --root {root or 'runs'}")
+    _exit_for(result["status"])
+
+
+def _usage_line(e: cx.UsageError) -> str:
+    msg = e.format_message().splitlines()[0] if e.format_message() else str(e)
+    if isinstance(e, cx.NoSuchOption) and e.ctx is not None:
+        opts = sorted(o for p in e.ctx.command.params for o in p.opts if o.startswith("--"))
+        msg = f"no such option: {e.option_name}; valid options: {', '.join(opts)}"
+    elif e.ctx is not None and e.ctx.command is not None and hasattr(e.ctx.command, "commands") \
+            and "No such command" in msg:
+        msg = msg.rstrip(".") + f"; valid commands: {', '.join(sorted(e.ctx.command.commands))}"
+    return msg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: one-line errors, exit codes (0 ok, 1 crashed, 2 usage, 3 diverged)."""
+    try:
+        rv = app(args=argv, prog_name="trajscope", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        typer.echo("trajscope: aborted", err=True)
+        return 130
+    except cx.UsageError as e:
+        typer.echo(f"trajscope: error: {_usage_line(e)}", err=True)
+        return 2
+    except cx.ClickException as e:
+        typer.echo(f"trajscope: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except TrajscopeError as e:
+        typer.echo(f"trajscope: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        typer.echo("trajscope: interrupted", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The SQLite schema of a run and how it is opened.
+
+WAL mode with ``synchronous=NORMAL``: a commit survives the death of the writing process (the
+operating system still holds the WAL), readers never block the writer, and a killed process loses
+at most its uncommitted transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from trajscope.errors import CorruptRunError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS scalars (
+    step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
+    PRIMARY KEY (step, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sketches (step INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshots (
+    step INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, nbytes INTEGER NOT NULL,
+    PRIMARY KEY (step, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, time REAL NOT NULL,
+    kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+"""
+
+
+def connect(path: Path, create: bool = False) -> sqlite3.Connection:
+    """Open a run database; a missing or non-SQLite file raises CorruptRunError naming it."""
+    path = Path(path)
+    if not create and not path.is_file():
+        raise CorruptRunError(f"{path} is missing: not a trajscope run directory")
+    try:
+        con = sqlite3.connect(str(path), timeout=30.0, isolation_level="DEFERRED", check_same_thread=False)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        if create:
+            con.executescript(SCHEMA)
+            con.commit()
+        else:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = {"meta", "scalars", "sketches", "snapshots", "events"} - tables
+            if missing:
+                raise CorruptRunError(f"{path} is not a trajscope run database (missing tables: {', '.join(sorted(missing))})")
+    except sqlite3.DatabaseError as e:
+        raise CorruptRunError(f"{path} is not a readable run database: {e}") from None
+    return con

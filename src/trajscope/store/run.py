@@ -1,0 +1,396 @@
+"""A run on disk: ``Run.create`` to write one, ``Run.open`` to read one.
+
+One process writes a run (it holds an exclusive ``flock`` on ``run.lock`` for as long as the run is
+open for writing); any number read it. A run whose database says ``running`` but whose lock nobody
+holds was killed: it reads as ``crashed``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
+from trajscope.store import paths
+from trajscope.store.db import SCHEMA_VERSION, connect
+from trajscope.store.tensors import load_state, load_tensors, save_state, save_tensors
+
+STATUSES = ("running", "finished", "crashed", "diverged")
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace: the form that is hashed into a run id."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def run_id_for(config: Mapping[str, Any], seed: int) -> str:
+    """12 hex digits of the SHA-256 of the canonical config plus seed."""
+    digest = hashlib.sha256(canonical_json({"config": config, "seed": seed}).encode()).hexdigest()
+    return digest[:12]
+
+
+def _as_dict(config) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "model_dump"):  # a pydantic model
+        return config.model_dump(mode="json")
+    return json.loads(canonical_json(dict(config)))  # checks it is JSON-serializable
+
+
+def _versions() -> dict[str, str]:
+    from trajscope import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "trajscope": __version__}
+
+
+class _Lock:
+    """An exclusive, non-blocking flock on ``run.lock``; released by the OS if the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def is_held(path: Path) -> bool:
+        """True if some open file description holds the lock (this process's included)."""
+        if not path.exists():
+            return False
+        probe = _Lock(path)
+        if probe.acquire():
+            probe.release()
+            return False
+        return True
+
+    @staticmethod
+    def holder(path: Path) -> str:
+        try:
+            return path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+
+class Run:
+    """A run directory. Use :meth:`create` (to write) or :meth:`open` (to read)."""
+
+    def __init__(self, path: Path, con: sqlite3.Connection, lock: _Lock | None):
+        self.path = Path(path)
+        self._con = con
+        self._lock = lock
+        self._meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+        self._last_commit = time.monotonic()
+
+    # ---------------------------------------------------------------- creating and opening
+    @classmethod
+    def create(cls, root: str | os.PathLike | None = None, config=None, seed: int = 0, name: str | None = None,
+               *, exist_ok: bool = False, overwrite: bool = False) -> "Run":
+        """Create the run for ``config`` + ``seed`` under ``root`` and open it for writing.
+
+        The id is :func:`run_id_for` (config, seed); ``name`` is an alias. If the run exists:
+        ``exist_ok`` reopens it for writing (to resume), ``overwrite`` deletes it first, otherwise
+        :class:`RunExistsError`. A run another process is writing raises :class:`RunLockedError`.
+        """
+        root = Path(root) if root is not None else paths.default_root()
+        config = _as_dict(config)
+        run_id = run_id_for(config, seed)
+        path = paths.run_dir(root, run_id)
+        if name is not None:
+            _check_name_free(root, name, run_id)
+        if paths.is_run_dir(path):
+            if _Lock.is_held(paths.lock_path(path)):
+                raise RunLockedError(f"run {run_id} is being written by another process "
+                                     f"(pid/host {_Lock.holder(paths.lock_path(path))})")
+            if overwrite:
+                shutil.rmtree(path)
+            elif not exist_ok:
+                status = cls.open(path).status
+                raise RunExistsError(f"run {run_id} already exists at {path} (status {status}); "
+                                     "resume it or pass overwrite to start over")
+        path.mkdir(parents=True, exist_ok=True)
+        paths.snapshot_dir(path).mkdir(exist_ok=True)
+        lock = _Lock(paths.lock_path(path))
+        if not lock.acquire():
+            raise RunLockedError(f"run {run_id} is being written by another process")
+        fresh = not paths.is_run_dir(path)
+        con = connect(paths.db_path(path), create=True)
+        run = cls(path, con, lock)
+        now = time.time()
+        if fresh or "run_id" not in run._meta:
+            run._set_meta(run_id=run_id, name=name, config=config, seed=seed, schema=SCHEMA_VERSION,
+                          versions=_versions(), host=socket.gethostname(), pid=os.getpid(),
+                          created_at=now, started_at=now, ended_at=None, status="running",
+                          status_step=None, status_reason=None)
+            run.log_event(None, "created", f"run {run_id} created")
+        else:
+            run._remove_temporaries()
+            run._set_meta(status="running", pid=os.getpid(), host=socket.gethostname(), ended_at=None,
+                          status_step=None, status_reason=None, resumed_at=now,
+                          **({"name": name} if name is not None else {}))
+            run.log_event(None, "reopened", f"run {run_id} reopened for writing")
+        run.commit()
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        """Open a run directory for reading. Runs no code from the directory (no pickle)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CorruptRunError(f"{path} is not a directory")
+        run = cls(path, connect(paths.db_path(path)), None)
+        if "run_id" not in run._meta:
+            raise CorruptRunError(f"{paths.db_path(path)} has no run metadata")
+        return run
+
+    def close(self, status: str | None = None, step: int | None = None, reason: str | None = None) -> None:
+        """Commit, optionally set the final status, and release the write lock."""
+        if self._con is None:
+            return
+        if self.writable:
+            if status is not None:
+                self.set_status(status, step=step, reason=reason)
+            self.commit()
+            # Fold the WAL into the database so the directory is one file again.
+            self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._con.close()
+        self._con = None
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.writable and exc is not None and self.status == "running":
+            self.close("crashed", reason=f"{exc_type.__name__}: {exc}")
+        else:
+            self.close("finished" if self.writable and self.status == "running" else None)
+
+    def __repr__(self) -> str:
+        return f"Run({self.id!r}, status={self.status!r}, path='{self.path}')"
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None and self._lock.fd is not None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """All metadata (a copy): run_id, name, config, seed, versions, host, times, status..."""
+        return dict(self._meta)
+
+    @property
+    def id(self) -> str:
+        return self._meta["run_id"]
+
+    @property
+    def name(self) -> str | None:
+        return self._meta.get("name")
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._meta.get("config", {})
+
+    @property
+    def seed(self) -> int:
+        return self._meta.get("seed", 0)
+
+    @property
+    def status(self) -> str:
+        """running, finished, crashed or diverged; ``running`` with no live writer reads as crashed."""
+        status = self._meta.get("status", "crashed")
+        if status == "running" and not self.writable and not _Lock.is_held(paths.lock_path(self.path)):
+            return "crashed"
+        return status
+
+    def _set_meta(self, **items: Any) -> None:
+        self._require_writable()
+        self._con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                              [(k, json.dumps(v)) for k, v in items.items()])
+        self._meta.update(items)
+
+    def set_meta(self, **items: Any) -> None:
+        """Store extra JSON-serializable metadata (e.g. ``final`` metrics)."""
+        self._set_meta(**items)
+
+    def set_status(self, status: str, step: int | None = None, reason: str | None = None) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        ended = None if status == "running" else time.time()
+        self._set_meta(status=status, status_step=step, status_reason=reason, ended_at=ended)
+        self.log_event(step, "status", f"status {status}" + (f": {reason}" if reason else ""))
+        self.commit()
+
+    # ---------------------------------------------------------------- writing
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise RunLockedError(f"run {self._meta.get('run_id', self.path)} is open read-only")
+
+    def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Record scalars of one step (long format); a value for an existing (step, name) replaces it."""
+        self._require_writable()
+        self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
+                              [(step, k, float(v)) for k, v in values.items()])
+
+    def log_sketch(self, step: int, sketch: torch.Tensor, k: int | None = None, seed: int | None = None) -> None:
+        """Record the (k,) float32 sketch of the parameter vector at ``step``."""
+        self._require_writable()
+        data = sketch.detach().to("cpu", torch.float32).numpy().tobytes()
+        if "sketch" not in self._meta:
+            self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
+        self._con.execute("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", (step, data))
+
+    def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params") -> Path:
+        """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row)."""
+        self._require_writable()
+        rel = paths.snapshot_relpath(kind, step)
+        nbytes = save_tensors(self.path / rel, tensors)
+        self._index(step, kind, rel, nbytes)
+        return self.path / rel
+
+    def save_state(self, step: int, state: Any, kind: str = "checkpoint") -> Path:
+        """Write a nested state (checkpoint, optimizer state) as the ``kind`` snapshot of ``step``."""
+        self._require_writable()
+        rel = paths.snapshot_relpath(kind, step)
+        nbytes = save_state(self.path / rel, state)
+        self._index(step, kind, rel, nbytes)
+        return self.path / rel
+
+    def _index(self, step: int, kind: str, rel: str, nbytes: int) -> None:
+        self._con.execute("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes) VALUES (?, ?, ?, ?)",
+                          (step, kind, rel, nbytes))
+        self.commit()
+
+    def log_event(self, step: int | None, kind: str, message: str, data: Any = None) -> None:
+        self._require_writable()
+        self._con.execute("INSERT INTO events (step, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
+                          (step, time.time(), kind, message, None if data is None else json.dumps(data)))
+
+    def commit(self) -> None:
+        self._con.commit()
+        self._last_commit = time.monotonic()
+
+    def maybe_commit(self, every_s: float) -> None:
+        """Commit if at least ``every_s`` seconds passed since the last commit (0: always)."""
+        if every_s <= 0 or time.monotonic() - self._last_commit >= every_s:
+            self.commit()
+
+    def truncate_after(self, step: int) -> None:
+        """Forget everything recorded after ``step`` (used when resuming from a checkpoint)."""
+        self._require_writable()
+        self._con.execute("DELETE FROM scalars WHERE step > ?", (step,))
+        self._con.execute("DELETE FROM sketches WHERE step > ?", (step,))
+        for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,)).fetchall():
+            (self.path / rel).unlink(missing_ok=True)
+        self._con.execute("DELETE FROM snapshots WHERE step > ?", (step,))
+        self.commit()
+
+    def _remove_temporaries(self) -> None:
+        for f in paths.snapshot_dir(self.path).glob(f"*{paths.TMP_MARK}*"):
+            f.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------- reading
+    def scalars(self, names: Iterable[str] | None = None, wide: bool = False) -> pd.DataFrame:
+        """Scalars as a DataFrame: long (columns step, name, value) or ``wide`` (index step, a column per name)."""
+        query, args = "SELECT step, name, value FROM scalars", ()
+        if names is not None:
+            names = list(names)
+            query += f" WHERE name IN ({','.join('?' * len(names))})"
+            args = tuple(names)
+        df = pd.read_sql_query(query + " ORDER BY step, name", self._con, params=args)
+        if wide:
+            return df.pivot(index="step", columns="name", values="value")
+        return df
+
+    def scalar_names(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT DISTINCT name FROM scalars ORDER BY name")]
+
+    def last_step(self) -> int | None:
+        """The largest step with a recorded scalar, or None."""
+        return self._con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
+
+    def sketches(self) -> tuple[np.ndarray, torch.Tensor]:
+        """(steps (T,), sketches (T, k) float32) in step order."""
+        rows = self._con.execute("SELECT step, data FROM sketches ORDER BY step").fetchall()
+        k = self._meta.get("sketch", {}).get("k", 0)
+        if not rows:
+            return np.zeros(0, dtype=np.int64), torch.zeros(0, k)
+        steps = np.array([r[0] for r in rows], dtype=np.int64)
+        data = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+        return steps, torch.from_numpy(data.copy())
+
+    def snapshot_steps(self, kind: str = "params") -> list[int]:
+        return [r[0] for r in self._con.execute(
+            "SELECT step FROM snapshots WHERE kind = ? ORDER BY step", (kind,))]
+
+    def snapshot_kinds(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT DISTINCT kind FROM snapshots ORDER BY kind")]
+
+    def _snapshot_file(self, step: int, kind: str) -> Path:
+        row = self._con.execute("SELECT path FROM snapshots WHERE step = ? AND kind = ?", (step, kind)).fetchone()
+        if row is None:
+            raise KeyError(f"run {self.id} has no {kind} snapshot at step {step}")
+        return self.path / row[0]
+
+    def load_snapshot(self, step: int, kind: str = "params") -> dict[str, torch.Tensor]:
+        """The named tensors of a snapshot; a missing or corrupt file raises CorruptRunError naming it."""
+        return load_tensors(self._snapshot_file(step, kind))[0]
+
+    def load_state(self, step: int, kind: str = "checkpoint") -> Any:
+        return load_state(self._snapshot_file(step, kind))
+
+    def events(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT step, time, kind, message, data FROM events ORDER BY id", self._con)
+
+    def export(self, out: str, fmt: str = "parquet") -> str:
+        """Write the scalars (long format) to ``out`` (any fsspec URL) as parquet or csv; return ``out``."""
+        import fsspec
+
+        df = self.scalars()
+        with fsspec.open(out, "wb") as f:
+            if fmt == "parquet":
+                df.to_parquet(f, index=False)
+            elif fmt == "csv":
+                f.write(df.to_csv(index=False).encode())
+            else:
+                raise ValueError(f"unknown export format {fmt!r}")
+        return out
+
+
+def _check_name_free(root: Path, name: str, run_id: str) -> None:
+    from trajscope.store.runs import list_runs
+
+    for info in list_runs(root):
+        if info.name == name and info.run_id != run_id:
+            raise RunExistsError(f"name {name!r} already names run {info.run_id}; choose another name")

@@ -1,0 +1,115 @@
+"""Tensor files of the store: safetensors written atomically, and nested state without pickle.
+
+A nested structure (an optimizer ``state_dict``, RNG states) is split into its tensors, saved as
+safetensors entries, and a JSON skeleton in the file's metadata that says where each tensor goes.
+Reading never executes code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from trajscope.errors import CorruptRunError
+from trajscope.store.paths import temporary_path
+
+_TENSOR = "__tensor__"
+_TUPLE = "__tuple__"
+_INTKEYS = "__intkeys__"
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write ``tensors`` to ``path`` via a temporary file and an atomic rename; return bytes written.
+
+    A process killed mid-write leaves at most a temporary file, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage; detach + contiguous + clone gives each entry its own.
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = temporary_path(path)
+    save_file(flat, str(tmp), metadata=dict(metadata or {}))
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file; a missing or unreadable file raises a CorruptRunError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptRunError(f"snapshot file {path} is missing")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CorruptRunError(f"snapshot file {path} is corrupt: {str(e).splitlines()[0]}") from None
+    return tensors, meta
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested dict/list/tuple of tensors and JSON scalars into (skeleton, tensors).
+
+    The skeleton is JSON-serializable; each tensor is replaced by ``{"__tensor__": key}``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o, path):
+        if isinstance(o, torch.Tensor):
+            tensors[path] = o
+            return {_TENSOR: path}
+        if isinstance(o, Mapping):
+            int_keys = all(isinstance(k, int) for k in o) and len(o) > 0
+            if not int_keys and not all(isinstance(k, str) for k in o):
+                raise TypeError(f"cannot store mapping with keys {list(o)[:3]} at {path!r}")
+            out = {str(k): walk(v, f"{path}/{k}") for k, v in o.items()}
+            return {_INTKEYS: out} if int_keys else out
+        if isinstance(o, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(o)]}
+        if isinstance(o, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(o)]
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot store {type(o).__name__} at {path!r}")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+
+    def walk(o):
+        if isinstance(o, dict):
+            if _TENSOR in o:
+                return tensors[o[_TENSOR]]
+            if _TUPLE in o:
+                return tuple(walk(v) for v in o[_TUPLE])
+            if _INTKEYS in o:
+                return {int(k): walk(v) for k, v in o[_INTKEYS].items()}
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(skeleton)
+
+
+def save_state(path: Path, state: Any) -> int:
+    """Save any nested state (see :func:`flatten_state`) as one safetensors file."""
+    skeleton, tensors = flatten_state(state, "s")
+    return save_tensors(path, tensors, {"skeleton": json.dumps(skeleton)})
+
+
+def load_state(path: Path) -> Any:
+    tensors, meta = load_tensors(path)
+    if "skeleton" not in meta:
+        raise CorruptRunError(f"snapshot file {path} holds no state skeleton")
+    return unflatten_state(json.loads(meta["skeleton"]), tensors)

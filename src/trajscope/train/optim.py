@@ -1,0 +1,106 @@
+"""Optimizer and learning-rate schedule factory.
+
+The learning rate of step t (1-based: the rate used by the t-th update) is
+``lr * schedule_factor(config, t)``; the trainer writes it into every param group before each
+update, so a run resumed at any step uses exactly the rate the uninterrupted run used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from trajscope.config import RunConfig
+
+
+class MultiOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped as one (e.g. Muon for hidden matrices, AdamW for the rest).
+
+    ``param_groups`` is the concatenation of the parts' groups, so setting ``group["lr"]`` reaches
+    the right part; ``state_dict`` is ``{"parts": [part.state_dict(), ...]}``.
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+        self.defaults = {}
+        self.state = {}
+
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return [g for part in self.parts for g in part.param_groups]
+
+    def step(self, closure=None):
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state_dict) -> None:
+        for part, sd in zip(self.parts, state_dict["parts"]):
+            part.load_state_dict(sd)
+
+
+def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(hidden 2-D weights for Muon, everything else for AdamW).
+
+    "Hidden" means a 2-D parameter that is neither the first nor the last 2-D parameter in module
+    order (those are the input embedding / first layer and the classifier, which Muon is not meant
+    for). Convolution kernels (> 2-D), biases and normalization parameters go to AdamW.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.ndim == 2]
+    hidden = {id(p) for p in matrices[1:-1]}
+    return [p for p in params if id(p) in hidden], [p for p in params if id(p) not in hidden]
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    params: Iterable[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+    if config.optimizer == "muon":
+        hidden, rest = muon_split(model)
+        parts: list[torch.optim.Optimizer] = []
+        if hidden:
+            parts.append(torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay,
+                                          momentum=config.momentum or 0.95))
+        parts.append(torch.optim.AdamW(rest, lr=config.lr, betas=betas, weight_decay=config.weight_decay))
+        return MultiOptimizer(parts)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def schedule_factor(config: RunConfig, step: int) -> float:
+    """Multiplier of ``config.lr`` for the ``step``-th update (step >= 1).
+
+    constant: 1. warmup-cosine: linear warmup over ``warmup_steps`` (step/warmup), then
+    0.5 (1 + cos(pi * progress)) down to 0 at ``steps``. step: ``step_gamma ** floor((step-1) /
+    step_every)``. exp: ``exp_growth ** (step - 1)`` (an exponentially growing or decaying rate).
+    """
+    s = config.schedule
+    if s == "constant":
+        return 1.0
+    if s == "warmup-cosine":
+        w = config.warmup_steps
+        if w > 0 and step <= w:
+            return step / w
+        span = max(config.steps - w, 1)
+        progress = min(max(step - w, 0) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if s == "step":
+        return config.step_gamma ** ((step - 1) // config.step_every)
+    if s == "exp":
+        return config.exp_growth ** (step - 1)
+    raise ValueError(f"unknown schedule {s!r}")
