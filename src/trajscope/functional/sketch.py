@@ -59,16 +59,23 @@ def _xor_srl_(z: Tensor, s: int) -> Tensor:
     return z.bitwise_xor_((z >> s).bitwise_and_((1 << (64 - s)) - 1))
 
 
+def _chunk(device) -> int:
+    """Hash chunk: on CPU below ATen's parallel grain (32768) so each op runs serially (parallel
+    int64 ops were 10-100x slower on an oversubscribed 2-core box); large on accelerators."""
+    return 1 << 15 if torch.device(device or "cpu").type == "cpu" else 1 << 22
+
+
 def _folded(key: int, offset: int, numel: int, k: int, device=None, out: Tensor | None = None,
-            chunk: int = 1 << 18) -> Tensor:
+            chunk: int | None = None) -> Tensor:
     """int64 (numel,): ``bucket + k * (sign < 0)`` in ``[0, 2k)`` for elements offset..offset+numel-1.
 
     splitmix64 on int64 tensors: multiplication and addition wrap mod 2^64 (two's complement),
     which is exactly unsigned arithmetic; the bucket uses the top 32 bits (``(hi * k) >> 32``,
-    unbiased to < k / 2^32) and the sign bit 0.  Computed in cache-sized chunks (~6 ns/element).
+    unbiased to < k / 2^32) and the sign bit 0.  Computed in chunks (~7 ns/element on one core).
     """
     if out is None:
         out = torch.empty(numel, dtype=torch.int64, device=device)
+    device, chunk = out.device, chunk or _chunk(out.device)
     for a in range(0, numel, chunk):
         z = torch.arange(offset + a, offset + min(a + chunk, numel), dtype=torch.int64, device=device)
         z.mul_(_s64(_GAMMA)).add_(_s64(key + _GAMMA))
@@ -108,8 +115,8 @@ class Sketcher:
     Not thread-safe.
     """
 
-    chunk: int = 1 << 18
-    cat_max: int = 1 << 15  # tensors below this are concatenated (serial copy in ATen), others scattered alone
+    chunk: int | None = None  # elements per hash chunk; None: see _chunk
+    cat_max: int = 1 << 15  # smaller tensors are concatenated (ATen copies them serially)
 
     def __init__(self, k: int = 1024, seed: int = 0, dtype: torch.dtype = torch.float32,
                  cache: bool = True):
@@ -146,11 +153,11 @@ class Sketcher:
         return torch.sub(work[:k], work[k:], out=out)
 
     def _scatter_fly(self, work: Tensor, name: str, flat: Tensor, offset: int) -> None:
-        key, n = self._name_key(name), flat.numel()
-        idx = torch.empty(min(n, self.chunk), dtype=torch.int64, device=flat.device)
-        for a in range(0, n, self.chunk):
-            part = flat[a:a + self.chunk]
-            i = _folded(key, offset + a, part.numel(), self.k, out=idx[:part.numel()], chunk=self.chunk)
+        key, n, chunk = self._name_key(name), flat.numel(), self.chunk or _chunk(flat.device)
+        idx = torch.empty(min(n, chunk), dtype=torch.int64, device=flat.device)
+        for a in range(0, n, chunk):
+            part = flat[a:a + chunk]
+            i = _folded(key, offset + a, part.numel(), self.k, out=idx[:part.numel()], chunk=chunk)
             work.scatter_add_(0, i, part)
 
     def _group(self, gkey, names: list[str], flats: list[Tensor], device):
@@ -278,6 +285,6 @@ def cosine_error_bound(k: int, delta: float) -> float:
     Union bound over three Chebyshev events of prob delta/3 each, on unit x, y (cosine is scale
     invariant): |<Sx,Sy> - c| <= e and |Sx|^2, |Sy|^2 in [1-e, 1+e]; then
     |cos_S - c| = |e' + c (1 - sqrt(ab))| / sqrt(ab) <= 2e / (1 - e).  Returns 2 if e >= 1.
-    Typical std ~ (1 - c^2) / sqrt(k)."""
+    Informative (< 1) only for k * delta > 54; the typical std is ~ (1 - c^2) / sqrt(k)."""
     e = _eps(k, delta / 3.0)
     return 2.0 * e / (1.0 - e) if e < 1 else 2.0
