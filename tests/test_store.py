@@ -1,4 +1,5 @@
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -200,3 +201,34 @@ def test_temporary_files_are_never_indexed(root):
     assert Run.open(r.path).snapshot_steps() == [1]
     con = sqlite3.connect(r.path / "run.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_results_are_stored_in_a_finished_run_without_changing_it(root):
+    r = Run.create(root, {"x": 1})
+    r.log_scalars(0, {"loss": 1.0})
+    r.close("finished")
+    w = Run.open(r.path, write=True)
+    with pytest.raises(RunLockedError):
+        Run.open(r.path, write=True)  # one writer at a time
+    w.save_result("mds/all", {"mds": 0.5, "series": [1.0, float("nan")]}, {"map": torch.eye(3)})
+    w.save_result("plain", {"a": 1})
+    w.close()
+    back = Run.open(r.path)
+    assert back.status == "finished"
+    data, tensors = back.load_result("mds/all")
+    assert data["mds"] == 0.5 and math.isnan(data["series"][1]) and torch.equal(tensors["map"], torch.eye(3))
+    assert back.load_result("plain") == ({"a": 1}, {})
+    assert back.result_names() == ["mds/all", "plain"]
+    with pytest.raises(KeyError, match="no result"):
+        back.load_result("nope")
+
+
+def test_open_for_writing_marks_a_dead_running_run_crashed(root):
+    code = (f"import os; from trajscope.store import Run\n"
+            f"r = Run.create({str(root)!r}, {{'x': 1}})\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    (d,) = [p for p in root.iterdir()]
+    w = Run.open(d, write=True)
+    assert w.meta["status"] == "crashed"
+    w.close()

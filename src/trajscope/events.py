@@ -34,6 +34,15 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only for annotations: events.py depends on nothing at run time
+    import torch
+    from torch import Tensor, nn
+
+    from trajscope.store import Run
+    from trajscope.workloads import Data, Workload
 
 
 class Event(str, enum.Enum):
@@ -55,3 +64,40 @@ class Event(str, enum.Enum):
 def documented_loop() -> list[Event]:
     """The events in the order the module docstring lists them (each once)."""
     return [Event[name] for name in re.findall(r"# <([A-Z_]+)>", __doc__ or "")]
+
+
+@dataclass
+class StepContext:
+    """What a callback sees at an event: the typed per-step context, never hidden global state.
+
+    ``step`` is the step being made (0 before the first update; after AFTER_OPTIMIZER_STEP the
+    parameters are theta_step). ``batch`` is the current (inputs, labels); ``loss`` the current
+    mean loss with its graph (between AFTER_FORWARD and BEFORE_OPTIMIZER_STEP); ``metrics`` the
+    latest evaluation (``val_loss``, ``val_metric``); ``loss_fn(logits, y)`` the workload's loss.
+    """
+
+    config: Any
+    run: "Run"
+    model: "nn.Module"
+    optimizer: "torch.optim.Optimizer"
+    workload: "Workload | None" = None
+    data: "Data | None" = None
+    step: int = 0
+    batch: "tuple[Tensor, Tensor] | None" = None
+    loss: "Tensor | None" = None
+    metrics: dict = field(default_factory=dict)
+
+    def loss_fn(self, logits: "Tensor", y: "Tensor") -> "Tensor":
+        if self.workload is None:
+            raise ValueError("this context has no workload, so no loss function")
+        return self.workload.loss_fn(logits, y)
+
+
+class Callback:
+    """Receives every event, like a Lightning callback: override ``on_<event>`` methods
+    (``on_step_end(ctx)``, ``on_fit_start(ctx)``, ...) or ``on_event(event, ctx)`` itself."""
+
+    def on_event(self, event: Event, ctx: StepContext) -> None:
+        handler = getattr(self, f"on_{event.value}", None)
+        if handler is not None:
+            handler(ctx)

@@ -26,11 +26,17 @@ CREATE TABLE IF NOT EXISTS snapshots (
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, time REAL NOT NULL,
     kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+CREATE TABLE IF NOT EXISTS results (
+    name TEXT PRIMARY KEY, time REAL NOT NULL, data TEXT NOT NULL, tensors TEXT);
 """
 
 
 def connect(path: Path, create: bool = False) -> sqlite3.Connection:
-    """Open a run database; a missing or non-SQLite file raises CorruptRunError naming it."""
+    """Open a run database; a missing or non-SQLite file raises CorruptRunError naming it.
+
+    ``create`` creates the file and any table it lacks (a run written by an older version gains
+    the newer tables when it is next opened for writing).
+    """
     path = Path(path)
     if not create and not path.is_file():
         raise CorruptRunError(f"{path} is missing: not a trajscope run directory")

@@ -7,6 +7,7 @@
         run.lock                    held (flock) by the one process that writes the run
         snapshots/<kind>-<step>.safetensors   one file per snapshot; kind: params, grads,
                                     optim, buffers, checkpoint
+        results/<name>.safetensors  tensors of a stored analysis result (its JSON is in run.db)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ DEFAULT_ROOT = "runs"
 DB_NAME = "run.db"
 LOCK_NAME = "run.lock"
 SNAPSHOT_DIR = "snapshots"
+RESULT_DIR = "results"
 TMP_MARK = ".tmp-"
 
 
@@ -45,6 +47,12 @@ def snapshot_dir(run_dir: Path) -> Path:
 def snapshot_relpath(kind: str, step: int) -> str:
     """Path of a snapshot file relative to the run directory (what the index stores)."""
     return f"{SNAPSHOT_DIR}/{kind}-{step:09d}.safetensors"
+
+
+def result_relpath(name: str) -> str:
+    """Path of a result's tensor file relative to the run directory."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"{RESULT_DIR}/{safe}.safetensors"
 
 
 def temporary_path(final: Path) -> Path:

@@ -163,14 +163,32 @@ class Run:
         return run
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Run":
-        """Open a run directory for reading. Runs no code from the directory (no pickle)."""
+    def open(cls, path: str | os.PathLike, write: bool = False) -> "Run":
+        """Open a run directory. Runs no code from the directory (no pickle).
+
+        ``write=True`` takes the run's write lock (RunLockedError if another process holds it)
+        without changing its status, e.g. to store analysis results in a finished run.
+        """
         path = Path(path)
         if not path.is_dir():
             raise CorruptRunError(f"{path} is not a directory")
-        run = cls(path, connect(paths.db_path(path)), None)
+        con = connect(paths.db_path(path))
+        lock = None
+        if write:
+            lock = _Lock(paths.lock_path(path))
+            if not lock.acquire():
+                con.close()
+                raise RunLockedError(f"run at {path} is being written by another process "
+                                     f"(pid/host {_Lock.holder(paths.lock_path(path))})")
+            con.close()
+            con = connect(paths.db_path(path), create=True)  # adds tables newer than the run
+        run = cls(path, con, lock)
         if "run_id" not in run._meta:
+            run.close()
             raise CorruptRunError(f"{paths.db_path(path)} has no run metadata")
+        if write and run._meta.get("status") == "running":
+            # Nobody else holds the lock, so the writer that left it "running" is gone.
+            run.set_status("crashed", reason="writer died (detected on open)")
         return run
 
     def close(self, status: str | None = None, step: int | None = None, reason: str | None = None) -> None:
@@ -369,6 +387,39 @@ class Run:
 
     def load_state(self, step: int, kind: str = "checkpoint") -> Any:
         return load_state(self._snapshot_file(step, kind))
+
+    def save_result(self, name: str, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Store an analysis result: JSON-serializable ``data`` and optional named ``tensors``.
+
+        Saving under an existing name replaces it. Tensors go to ``results/<name>.safetensors``.
+        """
+        self._require_writable()
+        rel = None
+        if tensors:
+            rel = paths.result_relpath(name)
+            save_tensors(self.path / rel, tensors)
+        self._con.execute("INSERT OR REPLACE INTO results (name, time, data, tensors) VALUES (?, ?, ?, ?)",
+                          (name, time.time(), json.dumps(dict(data), sort_keys=True), rel))
+        self.commit()
+
+    def result_names(self) -> list[str]:
+        if not self._has_table("results"):
+            return []
+        return [r[0] for r in self._con.execute("SELECT name FROM results ORDER BY name")]
+
+    def load_result(self, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(data, tensors) of a stored result; KeyError if there is none of that name."""
+        row = None
+        if self._has_table("results"):
+            row = self._con.execute("SELECT data, tensors FROM results WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise KeyError(f"run {self.id} has no result {name!r}")
+        tensors = load_tensors(self.path / row[1])[0] if row[1] else {}
+        return json.loads(row[0]), tensors
+
+    def _has_table(self, table: str) -> bool:
+        return self._con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                                 (table,)).fetchone() is not None
 
     def events(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT step, time, kind, message, data FROM events ORDER BY id", self._con)

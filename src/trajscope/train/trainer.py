@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -21,35 +20,10 @@ from trajscope import schedules as S
 from trajscope import workloads
 from trajscope.config import RecordConfig, RunConfig
 from trajscope.errors import DivergedError, TrajscopeError
-from trajscope.events import Event
+from trajscope.events import Callback, Event, StepContext
 from trajscope.record import Recorder, restore
 from trajscope.store import Run
 from trajscope.train.optim import make_optimizer, schedule_factor
-
-
-@dataclass
-class StepContext:
-    """What a callback sees at an event. ``step`` is the step being made (0 before the first)."""
-
-    config: RunConfig
-    run: Run
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    workload: workloads.Workload
-    data: workloads.Data
-    step: int = 0
-    batch: tuple[Tensor, Tensor] | None = None
-    loss: Tensor | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class Callback:
-    """Receives every event; override ``on_<event>`` methods (``on_step_end``) or ``on_event``."""
-
-    def on_event(self, event: Event, ctx: StepContext) -> None:
-        handler = getattr(self, f"on_{event.value}", None)
-        if handler is not None:
-            handler(ctx)
 
 
 def snapshot_schedule(rec: RecordConfig) -> S.Schedule:
