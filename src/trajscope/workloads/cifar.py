@@ -139,7 +139,7 @@ def make_data(seed: int, options: Mapping[str, Any] | None = None) -> Data:
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus an option-A shortcut (stride-2 subsample, zero-pad channels)."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus an option-A shortcut (stride-2 subsample, zero-pad)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()

@@ -53,7 +53,7 @@ register(Workload(
     make_data=make_data,
     make_model=make_model,
     loss="cross_entropy",
-    target=0.95,
+    target=0.94,
     defaults={"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 64,
               "steps": 1000, "schedule": "constant", "warmup_steps": 0, "eval_every": 50},
     options=OPTIONS,

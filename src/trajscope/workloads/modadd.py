@@ -1,4 +1,4 @@
-"""Modular addition ``(a + b) mod p``, the grokking set-ups: ``modadd-mlp`` and ``modadd-transformer``.
+"""Modular addition ``(a + b) mod p``, two grokking set-ups: ``modadd-mlp``, ``modadd-transformer``.
 
 All ``p * p`` pairs ``(a, b)`` are split by a seeded permutation: the first
 ``floor(train_fraction * p * p)`` go to training, the rest to validation; the label is
@@ -96,7 +96,7 @@ def make_transformer_data(seed: int, options: Mapping[str, Any] | None = None) -
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
+    """Causal multi-head self-attention; separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``."""
 
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
