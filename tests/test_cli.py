@@ -14,12 +14,14 @@ import pytest
 from trajscope.store import Run
 
 EXE = [sys.executable, "-m", "trajscope.cli"]
+# One thread: these models are tiny, and two threads on a busy 2-core machine oversubscribe it.
+ENV = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args, root=None, check=True, timeout=300):
     argv = [*EXE, *args] + (["--root", str(root)] if root is not None else [])
     p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "TQDM_DISABLE": "1"})
+                       env=ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"{argv} exited {p.returncode}: {p.stderr}")
     return p
@@ -96,7 +98,7 @@ def test_kill_9_leaves_a_crashed_run_that_opens_and_resumes(root):
     args = [*EXE, "run", "mnist1d-mlp", "--steps", "400", "--eval-every", "50", "--root", str(root),
             "--no-progress"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
+                            env=ENV)
     deadline = time.time() + 120
     db = None
     while time.time() < deadline:
