@@ -128,3 +128,18 @@ def test_kill_9_leaves_a_crashed_run_that_opens_and_resumes(root):
     assert out["status"] == "finished" and out["steps"] == 400
     r = Run.open(out["path"])
     assert sorted(set(r.scalars()["step"])) == list(range(401))
+
+
+def test_analyze_json_summary_per_group(root):
+    out = json.loads(cli("run", "digits-mlp", "--steps", "20", "--eval-every", "10", "--json", root=root).stdout)
+    p = cli("analyze", out["run_id"], "--group", "all", "--group", "layers", "--json", root=root)
+    summary = json.loads(p.stdout)
+    assert "all" in summary["groups"] and len(summary["groups"]) >= 3  # all + one per layer
+    for g in summary["groups"].values():
+        for key in ("mds", "mds_window", "effective_dim", "pca_components_90", "distance_from_init_final",
+                    "sign_flip_fraction_final"):
+            assert key in g, key
+        assert 0 <= g["sign_flip_fraction_final"] <= 1 and g["pca_components_90"] >= 1
+    assert "mds.theta:all" in Run.open(out["path"]).result_names()
+    bad = cli("analyze", out["run_id"], "--group", "nosuch*", root=root, check=False)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -192,6 +192,32 @@ def export(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pr
         typer.echo(f"wrote {rows} scalar rows to {out}")
 
 
+@app.command()
+def analyze(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
+            group: List[str] = typer.Option([], "--group", "-g",
+                                            help="Parameter group (repeatable): all, layers, tensors, qkv, "
+                                                 "a glob such as 'conv*' (default all)."),
+            source: str = typer.Option("auto", "--source",
+                                       help="snapshots (exact), sketches (estimated; group all only) or auto."),
+            window: int = typer.Option(1, "--window", min=1, help="Window (in snapshot points) of the updates map."),
+            root: Optional[Path] = RootOpt,
+            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+            as_json: bool = JsonOpt) -> None:
+    """Trajectory maps, MDS, path and early-phase statistics and PCA of a run, stored in the run."""
+    from trajscope import measures
+
+    sources = {"auto": None, "snapshots": True, "sketches": False}
+    if source not in sources:
+        raise unknown_choice("source", source, sources)
+    summary = measures.analyze(ref, root=root, groups=list(group) or None, exact=sources[source],
+                               progress=progress and not as_json, window=window)
+    if as_json:
+        _echo_json(summary)
+        return
+    for line in measures.summary_lines(summary):
+        typer.echo(line)
+
+
 @app.command("workloads")
 def list_workloads(as_json: bool = JsonOpt) -> None:
     """The workloads, one line each."""

@@ -278,6 +278,7 @@ class Run:
     def log_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Record scalars of one step (long format); a value for an existing (step, name) replaces it."""
         self._require_writable()
+        step = int(step)
         self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
                               [(step, k, float(v)) for k, v in values.items()])
 
@@ -287,12 +288,12 @@ class Run:
         data = sketch.detach().to("cpu", torch.float32).numpy().tobytes()
         if "sketch" not in self._meta:
             self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
-        self._con.execute("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", (step, data))
+        self._con.execute("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", (int(step), data))
 
     def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params") -> Path:
         """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row)."""
         self._require_writable()
-        rel = paths.snapshot_relpath(kind, step)
+        rel = paths.snapshot_relpath(kind, int(step))
         nbytes = save_tensors(self.path / rel, tensors)
         self._index(step, kind, rel, nbytes)
         return self.path / rel
@@ -300,14 +301,14 @@ class Run:
     def save_state(self, step: int, state: Any, kind: str = "checkpoint") -> Path:
         """Write a nested state (checkpoint, optimizer state) as the ``kind`` snapshot of ``step``."""
         self._require_writable()
-        rel = paths.snapshot_relpath(kind, step)
+        rel = paths.snapshot_relpath(kind, int(step))
         nbytes = save_state(self.path / rel, state)
         self._index(step, kind, rel, nbytes)
         return self.path / rel
 
     def _index(self, step: int, kind: str, rel: str, nbytes: int) -> None:
         self._con.execute("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes) VALUES (?, ?, ?, ?)",
-                          (step, kind, rel, nbytes))
+                          (int(step), kind, rel, nbytes))
         self.commit()
 
     def log_event(self, step: int | None, kind: str, message: str, data: Any = None) -> None:
@@ -375,7 +376,12 @@ class Run:
     def snapshot_kinds(self) -> list[str]:
         return [r[0] for r in self._con.execute("SELECT DISTINCT kind FROM snapshots ORDER BY kind")]
 
+    def snapshot_path(self, step: int, kind: str = "params") -> Path:
+        """The file of a snapshot (it may be missing or corrupt: :meth:`load_snapshot` checks)."""
+        return self._snapshot_file(step, kind)
+
     def _snapshot_file(self, step: int, kind: str) -> Path:
+        step = int(step)
         row = self._con.execute("SELECT path FROM snapshots WHERE step = ? AND kind = ?", (step, kind)).fetchone()
         if row is None:
             raise KeyError(f"run {self.id} has no {kind} snapshot at step {step}")
