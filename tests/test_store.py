@@ -232,3 +232,23 @@ def test_open_for_writing_marks_a_dead_running_run_crashed(root):
     w = Run.open(d, write=True)
     assert w.meta["status"] == "crashed"
     w.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                                   torch.int32, torch.uint8, torch.bool])
+def test_snapshot_files_are_standard_safetensors(tmp_path, dtype):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from trajscope.store.tensors import save_tensors
+
+    base = torch.randn(4, 6)
+    tensors = {"w": (base * 10).to(dtype), "t.view": (base.t() * 3).to(dtype), "scalar": torch.tensor(1).to(dtype),
+               "empty": torch.zeros(0, 3, dtype=dtype), "shared": (base[1] * 2).to(dtype)}
+    save_tensors(tmp_path / "x.safetensors", tensors, {"note": "hi"})
+    back = load_file(str(tmp_path / "x.safetensors"))  # the reference reader
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == dtype and torch.equal(back[k], v.contiguous()), k
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"note": "hi"}

@@ -177,14 +177,15 @@ class Recorder:
                 s = self._sketcher.sketch(self._named)
                 run.log_sketch(step, s, k=self._sketcher.k, seed=self._sketcher.seed)
             if self.snapshots(step):
-                run.save_snapshot(step, {n: p for n, p in self._named if self._keep(n)}, kind="params")
+                run.save_snapshot(step, {n: p for n, p in self._named if self._keep(n)}, kind="params",
+                                  background=True)
             if self.grads(step) and any(p.grad is not None for p in self._params):
                 run.save_snapshot(step, {n: p.grad for n, p in self._named if self._keep(n) and p.grad is not None},
-                                  kind="grads")
+                                  kind="grads", background=True)
             if self.buffers(step):
                 bufs = dict(self.model.named_buffers())
                 if bufs:
-                    run.save_snapshot(step, bufs, kind="buffers")
+                    run.save_snapshot(step, bufs, kind="buffers", background=True)
             if optimizer is not None and self.optimizer_state(step):
                 run.save_state(step, optimizer.state_dict(), kind="optim")
             if self.checkpoints(step) and (optimizer is not None or first):

@@ -27,7 +27,7 @@ import torch
 from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
 from trajscope.store import paths
 from trajscope.store.db import SCHEMA_VERSION, connect
-from trajscope.store.tensors import load_state, load_tensors, save_state, save_tensors
+from trajscope.store.tensors import encode_tensors, load_state, load_tensors, save_state, save_tensors, write_atomic
 
 STATUSES = ("running", "finished", "crashed", "diverged")
 
@@ -111,6 +111,8 @@ class Run:
         self._lock = lock
         self._meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
         self._last_commit = time.monotonic()
+        self._writer = None  # a one-thread pool for background snapshot writes
+        self._pending: list[tuple[Any, int, str, str]] = []  # (future, step, kind, relpath)
 
     # ---------------------------------------------------------------- creating and opening
     @classmethod
@@ -196,6 +198,9 @@ class Run:
         if self._con is None:
             return
         if self.writable:
+            self._drain(wait=True)
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
             if status is not None:
                 self.set_status(status, step=step, reason=reason)
             self.commit()
@@ -290,13 +295,38 @@ class Run:
             self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
         self._con.execute("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", (int(step), data))
 
-    def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params") -> Path:
-        """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row)."""
+    def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params",
+                      background: bool = False) -> Path:
+        """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row).
+
+        ``background``: copy the tensors now and write the file on a background thread; the index
+        row is added at the first commit after the file is in place (so a snapshot is never
+        listed before it is whole; a process killed in between leaves it unlisted).
+        """
         self._require_writable()
         rel = paths.snapshot_relpath(kind, int(step))
-        nbytes = save_tensors(self.path / rel, tensors)
-        self._index(step, kind, rel, nbytes)
+        data = encode_tensors(tensors) if background else None
+        if data is None:
+            self._index(step, kind, rel, save_tensors(self.path / rel, tensors))
+            return self.path / rel
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajscope-writer")
+        self._pending.append((self._writer.submit(write_atomic, self.path / rel, data), int(step), kind, rel))
         return self.path / rel
+
+    def _drain(self, wait: bool) -> None:
+        """Index the background snapshot files that are written (all of them if ``wait``)."""
+        keep = []
+        for fut, step, kind, rel in self._pending:
+            if wait or fut.done():
+                nbytes = fut.result()  # an I/O error surfaces here
+                self._con.execute("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes) VALUES (?, ?, ?, ?)",
+                                  (step, kind, rel, nbytes))
+            else:
+                keep.append((fut, step, kind, rel))
+        self._pending = keep
 
     def save_state(self, step: int, state: Any, kind: str = "checkpoint") -> Path:
         """Write a nested state (checkpoint, optimizer state) as the ``kind`` snapshot of ``step``."""
@@ -317,6 +347,8 @@ class Run:
                           (step, time.time(), kind, message, None if data is None else json.dumps(data)))
 
     def commit(self) -> None:
+        if self._pending:
+            self._drain(wait=False)
         self._con.commit()
         self._last_commit = time.monotonic()
 
