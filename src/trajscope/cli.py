@@ -171,14 +171,25 @@ def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pref
 
 @app.command()
 def export(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
-           fmt: str = typer.Option("parquet", "--format", help="parquet or csv."),
-           out: Optional[str] = typer.Option(None, "--out", help="Output file or fsspec URL (default RUN_ID.FORMAT)."),
+           fmt: str = typer.Option("parquet", "--format", help="parquet, csv or tensorboard."),
+           out: Optional[str] = typer.Option(None, "--out", help="Output file or fsspec URL (default RUN_ID.FORMAT); "
+                                                                  "a directory for tensorboard."),
            root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
-    """Export a run's scalars (long format: step, name, value)."""
+    """Export a run's scalars (long format: step, name, value), or TensorBoard event files."""
     from trajscope.store import open_run
 
-    if fmt not in ("parquet", "csv"):
-        raise unknown_choice("export format", fmt, ("parquet", "csv"))
+    if fmt not in ("parquet", "csv", "tensorboard"):
+        raise unknown_choice("export format", fmt, ("parquet", "csv", "tensorboard"))
+    if fmt == "tensorboard":
+        from trajscope.report import export_tensorboard
+
+        info = export_tensorboard(ref, root=root, out_dir=out)
+        if as_json:
+            _echo_json({"format": fmt, "out": str(info["out_dir"]), **info})
+        else:
+            typer.echo(f"wrote {info['scalars']} scalar points and {info['histograms']} histograms "
+                       f"to {info['out_dir']} (tensorboard --logdir {info['out_dir']})")
+        return
     r = open_run(ref, root)
     try:
         out = out or f"{r.id}.{fmt}"
@@ -218,6 +229,23 @@ def analyze(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique p
         typer.echo(line)
 
 
+@app.command()
+def report(refs: List[str] = typer.Argument(..., metavar="RUN...", help="One or more runs (id, prefix or name)."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default ./report-<id>.html)."),
+           figures: Optional[Path] = typer.Option(None, "--figures", help="Also save every figure as a PNG here."),
+           analyze: bool = typer.Option(True, "--analyze/--no-analyze",
+                                        help="Compute trajectory measures first where a run has none stored."),
+           root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
+    """One self-contained HTML page (several runs: overlaid) with every figure embedded."""
+    from trajscope.report import write_report
+
+    path = write_report(list(refs), root=root, out=out, figures_dir=figures, analyze=analyze)
+    if as_json:
+        _echo_json({"report": str(path), "runs": list(refs)})
+    else:
+        typer.echo(f"report: {path}")
+
+
 @app.command("workloads")
 def list_workloads(as_json: bool = JsonOpt) -> None:
     """The workloads, one line each."""
@@ -252,12 +280,19 @@ def demo(root: Optional[Path] = RootOpt, steps: int = typer.Option(1000, help="O
     finally:
         r.close()
     result["recorded"] = detail
+    if result["status"] in ("finished", "diverged"):
+        from trajscope.report import write_report
+
+        out = Path(result["path"]).parent / f"report-{result['run_id']}.html"
+        result["report"] = str(write_report([result["path"]], out=out, analyze=True))
     if as_json:
         _echo_json(result)
     else:
         _print_summary(result)
         typer.echo(f"  recorded: {detail['scalars']} scalar values, {detail['sketches']} sketches, "
                    f"{detail['snapshots']} parameter snapshots, {detail['checkpoints']} checkpoints")
+        if result.get("report"):
+            typer.echo(f"  report: {result['report']}")
         typer.echo(f"  next: trajscope show {result['run_id']} --root {root or 'runs'}")
     _exit_for(result["status"])
 
