@@ -57,7 +57,7 @@ def test_run_json_ls_show_export(root, tmp_path):
     (["run", "digits-mlp", "--frobnicate", "3"], "no such option: --frobnicate; valid options: --batch-size"),
     (["run", "digits-mlp", "--record", "everything"], "unknown record preset 'everything'"),
     (["run", "digits-mlp", "--lr", "fast"], "--lr"),
-    (["fly"], "No such command 'fly'; valid commands: demo"),
+    (["fly"], "No such command 'fly'; valid commands: analyze, demo, export"),
     (["show", "nosuchrun"], "no run 'nosuchrun'"),
     (["export", "x", "--format", "xlsx"], "unknown export format 'xlsx'"),
 ])

@@ -3,3 +3,6 @@
 from trajscope.probes.base import REGISTRY, Probe, all_probes, register
 
 __all__ = ["REGISTRY", "Probe", "all_probes", "register"]
+
+# Importing a probe module registers its probes (the conformance test runs every registered one).
+from trajscope.probes import sharpness as _sharpness  # noqa: F401,E402

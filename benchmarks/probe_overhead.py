@@ -1,0 +1,194 @@
+"""Wall-time overhead of SharpnessProbe every 16 steps (and of Cockpit's "full" preset as a peer).
+
+Usage: python benchmarks/probe_overhead.py [--json] [--steps 160] [--repeats 5] [--threads 1]
+       [--workloads mnist1d-cnn mnist1d-mlp] [--every 16]
+Run it with a venv that has cockpit-for-pytorch for the peer (``.venv-bench``); without it the
+peer entry is ``{"error": ...}``.
+
+Per workload: the model from ``make_model`` (seed 0), SGD with the workload's lr and momentum
+(constant rate), batch 128, the same pre-drawn batches for every run; a plain loop (zero_grad,
+forward, backward, step). "plain" is that loop, "probed" the same loop that calls
+``SharpnessProbe(every=16)`` (default tol 1e-2, double backward, train mode, the step's batch) at
+the end of the steps its schedule fires; the two alternate within each repeat (order alternating
+too) in one process; ratio = median over repeats of probed time / plain time. The probed run must
+end with bit-identical parameters and buffers (the probe has no side effect), which is checked.
+
+``every_for_ratio_1.3``: the probe interval at which the measured cost per measurement would make the
+ratio 1.3 (cost per measurement / (0.3 * plain time per step)).
+
+Accuracy: one more (untimed) probed run compares every probe value with a tight reference on the
+same batch and parameters (Lanczos to relative residual 1e-6): median and max relative error.
+
+Peer: Cockpit (BackPACK-extended model and loss) with ``configuration("full",
+track_schedule=linear(16))`` on the same batches; ratio = its time / plain time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from trajscope import workloads
+from trajscope.events import StepContext
+from trajscope.functional.hessian import top_hessian_eigenvalues
+from trajscope.probes.sharpness import SharpnessProbe
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Setup:
+    def __init__(self, name: str, steps: int, batch_size: int = 128):
+        self.name, self.wl = name, workloads.get(name)
+        self.data = self.wl.make_data(0, {})
+        g = torch.Generator().manual_seed(0)
+        idx = [torch.randint(0, len(self.data.x_train), (batch_size,), generator=g) for _ in range(steps)]
+        self.batches = [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
+
+    def model(self, wrap=lambda m: m):
+        torch.manual_seed(0)
+        model = wrap(self.wl.make_model({}))
+        d = self.wl.defaults
+        return model, torch.optim.SGD(model.parameters(), lr=d["lr"], momentum=d["momentum"])
+
+
+def train(s: Setup, probe: SharpnessProbe | None = None, on_probe=None):
+    """(seconds, model, probe outputs) of one plain (or probed) run over ``s.batches``."""
+    model, opt = s.model()
+    ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=s.wl, data=s.data)
+    outputs = []
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(s.batches, start=1):
+        opt.zero_grad(set_to_none=True)
+        s.wl.loss_fn(model(x), y).backward()
+        opt.step()
+        if probe is not None and probe.schedule(step):
+            ctx.step, ctx.batch = step, (x, y)
+            outputs.append(probe(ctx))
+            if on_probe is not None:
+                on_probe(model, (x, y), outputs[-1])
+    return time.perf_counter() - t0, model, outputs
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def accuracy(s: Setup, every: int) -> dict:
+    errs = []
+
+    def check(model, batch, out):
+        ref = top_hessian_eigenvalues(model, s.wl.loss_fn, batch, tol=1e-6, max_iter=300).values[0]
+        errs.append(abs(out["lambda_max"] - float(ref)) / abs(float(ref)))
+
+    _, _, outs = train(s, SharpnessProbe(every=every), on_probe=check)
+    return {"median_rel_err": statistics.median(errs), "max_rel_err": max(errs),
+            "mean_iterations": statistics.fmean(o["iterations"] for o in outs),
+            "max_residual": max(o["residual"] for o in outs), "measurements": len(outs)}
+
+
+def cockpit_step_time(s: Setup, every: int) -> float:
+    """Seconds for Cockpit "full" (every ``every`` steps) over ``s.batches``."""
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit.utils import schedules
+    from cockpit.utils.configuration import configuration
+
+    model, opt = s.model(wrap=extend)
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    individual = torch.nn.CrossEntropyLoss(reduction="none")
+    cockpit = Cockpit(model.parameters(), quantities=configuration("full", track_schedule=schedules.linear(every)))
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(s.batches):
+        opt.zero_grad()
+        out = model(x)
+        loss = loss_fn(out, y)
+        info = {"batch_size": len(x), "individual_losses": individual(out, y).detach(), "loss": loss,
+                "optimizer": opt}
+        with cockpit(step, info=info):
+            loss.backward(create_graph=cockpit.create_graph(step))
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def bench(name: str, args) -> tuple[dict, dict]:
+    s = Setup(name, args.steps)
+    train(s), train(s, SharpnessProbe(every=args.every))  # warm-up (allocator, imports)
+    plain, probed, same = [], [], True
+    for r in range(args.repeats):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for with_probe in order:
+            t, model, _ = train(s, SharpnessProbe(every=args.every) if with_probe else None)
+            (probed if with_probe else plain).append((t, model))
+        same &= same_state(plain[-1][1], probed[-1][1])
+    ratios = [tp / tq for (tp, _), (tq, _) in zip(probed, plain)]
+    n_meas = sum(SharpnessProbe(every=args.every).schedule(t) for t in range(1, args.steps + 1))
+    t_plain, t_probed = statistics.median(t for t, _ in plain), statistics.median(t for t, _ in probed)
+    per_measurement = (t_probed - t_plain) / n_meas  # seconds
+    result = {"ratio": statistics.median(ratios), "ratios": ratios, "same_trajectory": same,
+              "measurement_s": per_measurement, "step_s": t_plain / args.steps,
+              "every_for_ratio_1.3": per_measurement / (0.3 * t_plain / args.steps),
+              "plain_s": statistics.median(t for t, _ in plain),
+              "probed_s": statistics.median(t for t, _ in probed), "accuracy": accuracy(s, args.every)}
+    try:
+        import backpack  # noqa: F401
+        import cockpit  # noqa: F401
+    except Exception as e:
+        return result, {"error": f"cockpit-for-pytorch not installed: {one_line(e)}"}
+    warnings.filterwarnings("ignore", module=r"(backpack|cockpit)(\.|$)")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        c = [cockpit_step_time(s, args.every) for _ in range(max(1, args.repeats // 2))]
+    except Exception as e:  # BackPACK cannot handle the model (e.g. BatchNorm in train mode)
+        return result, {"error": one_line(e)}
+    return result, {"ratio": statistics.median(c) / result["plain_s"], "seconds": c}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--every", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workloads", nargs="+", default=["mnist1d-cnn", "mnist1d-mlp"])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    per, peers = {}, {}
+    for name in args.workloads:
+        per[name], peers[name] = bench(name, args)
+    first = args.workloads[0]
+    out = {"ratio": per[first]["ratio"], "workload": first, "per_workload": per,
+           "peers": {"cockpit-full": peers[first], "cockpit-full-per_workload": peers},
+           "steps": args.steps, "every": args.every, "repeats": args.repeats, "threads": args.threads,
+           "torch": torch.__version__, "probe": "SharpnessProbe(every=16), tol=1e-2 relative residual"}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "probe_overhead.json").write_text(json.dumps(out, indent=2))
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"torch {out['torch']}, {args.threads} thread(s), {args.steps} steps, probe every {args.every}")
+    print(f"{'workload':<13} {'plain s':>8} {'probed s':>9} {'ratio':>6} {'med err':>8} {'max err':>8} "
+          f"{'iters':>6} {'cockpit-full':>14}")
+    for name, r in per.items():
+        a, c = r["accuracy"], peers[name]
+        ck = f"{c['ratio']:.2f}" if "ratio" in c else "error"
+        print(f"{name:<13} {r['plain_s']:8.3f} {r['probed_s']:9.3f} {r['ratio']:6.2f} {a['median_rel_err']:8.1e} "
+              f"{a['max_rel_err']:8.1e} {a['mean_iterations']:6.1f} {ck:>14}")
+    for name, c in peers.items():
+        if "error" in c:
+            print(f"cockpit-full on {name}: {c['error']}")
+
+
+if __name__ == "__main__":
+    main()

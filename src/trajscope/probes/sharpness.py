@@ -1,0 +1,114 @@
+"""The sharpness probe: the top Hessian eigenvalue against the optimizer's stability threshold.
+
+Scalars (``<name>/<quantity>``, at STEP_END, when the parameters hold theta_step):
+
+- ``lambda_max``: the largest eigenvalue of the Hessian of the mean training loss on the measured
+  batch (all parameters with requires_grad; BatchNorm in train mode, no side effect on the model;
+  weight decay not included);
+- ``stability_threshold``: :func:`~trajscope.functional.hessian.stability_threshold` of the optimizer
+  at the learning rate of this step (2/eta, (2 + 2 beta)/eta with momentum, Adam's form);
+- ``preconditioned_lambda_max`` (Adam/AdamW only): the top eigenvalue of P^{-1/2} H P^{-1/2}, P Adam's
+  preconditioner (:func:`~trajscope.functional.hessian.adam_preconditioner`);
+- ``stability_ratio``: the compared quantity over the threshold: ``lambda_max`` / threshold for SGD,
+  ``preconditioned_lambda_max`` / threshold for Adam (> 1: beyond the edge of stability);
+- ``residual``: the relative Lanczos residual of the reported eigenpair, an error bound (some
+  eigenvalue lies within ``residual * lambda_max``; the Ritz value error is usually far smaller);
+- ``iterations``: Hessian-vector products spent on ``lambda_max`` (the cost of the measurement).
+
+An optimizer without a known threshold (e.g. Muon) gets ``lambda_max``, ``residual`` and
+``iterations`` only.
+Accuracy: Lanczos stops when the relative residual is below ``tol`` (default 1e-2) or after
+``max_iter`` products; each run is warm-started from the probe's previous top eigenvector (kept in
+:meth:`state_dict`), so a few Hessian-vector products usually suffice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from trajscope import schedules as S
+from trajscope.events import StepContext
+from trajscope.functional.hessian import (adam_preconditioner, is_adam, stability_threshold,
+                                          top_hessian_eigenvalues)
+from trajscope.functional.hvp import trainable_parameters
+from trajscope.probes.base import Probe, register
+
+
+@register
+class SharpnessProbe(Probe):
+    """Top Hessian eigenvalue (and Adam's preconditioned one) vs the stability threshold.
+
+    ``data="batch"`` measures on the step's batch (``ctx.batch``); ``data="fixed"`` on the first
+    ``fixed_size`` training examples of ``ctx.data`` (the same set every time). ``every=n`` is a
+    shorthand for ``schedule=every(n)``; the default schedule is the sparse log-spaced one of
+    :class:`~trajscope.probes.base.Probe`. ``tol``, ``max_iter``: Lanczos stopping rule;
+    ``method``, ``curvature``, ``train``: see :mod:`trajscope.functional.hessian`.
+    """
+
+    default_name = "sharpness"
+    needs = frozenset({"batch", "loss_fn", "optimizer"})
+
+    def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None,
+                 data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2, max_iter: int = 30,
+                 method: str = "double-backward", curvature: str = "hessian", train: bool | None = True,
+                 seed: int = 0):
+        if every is not None and schedule is not None:
+            raise ValueError("give either schedule or every, not both")
+        super().__init__(S.every(every) if every is not None else schedule, name)
+        if data not in ("batch", "fixed"):
+            raise ValueError(f"data must be 'batch' or 'fixed', got {data!r}")
+        if data == "fixed":
+            self.needs = frozenset({"data", "loss_fn", "optimizer"})
+        self.data, self.fixed_size, self.tol, self.max_iter = data, fixed_size, tol, max_iter
+        self.kwargs = {"method": method, "curvature": curvature, "train": train}
+        self.generator = torch.Generator().manual_seed(seed)
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def _batch(self, ctx: StepContext):
+        if self.data == "fixed":
+            return ctx.data.x_train[:self.fixed_size], ctx.data.y_train[:self.fixed_size]
+        return ctx.batch
+
+    def _top(self, key: str, ctx: StepContext, batch, precondition=None):
+        """Top eigenpair, warm-started from (and updating) the stored vector ``key``."""
+        v0 = self._vectors.get(key)
+        dim = sum(p.numel() for _, p in trainable_parameters(ctx.model))
+        if v0 is not None and v0.numel() != dim:
+            v0 = None
+        eig = top_hessian_eigenvalues(ctx.model, ctx.loss_fn, batch, 1, tol=self.tol, max_iter=self.max_iter,
+                                      v0=v0, generator=self.generator, precondition=precondition,
+                                      **self.kwargs)
+        self._vectors[key] = eig.vectors[0].detach().clone()
+        return float(eig.values[0]), float(eig.residuals[0]), eig.n_iter
+
+    def measure(self, ctx: StepContext) -> dict[str, float]:
+        batch = self._batch(ctx)
+        lam, res, n_iter = self._top("hessian", ctx, batch)
+        out = {"lambda_max": lam, "residual": res, "iterations": n_iter}
+        try:
+            threshold = stability_threshold(ctx.optimizer)
+        except ValueError:
+            return out
+        compared = lam
+        out["stability_threshold"] = threshold
+        if is_adam(ctx.optimizer):
+            try:
+                pre = adam_preconditioner(ctx.optimizer, [p for _, p in trainable_parameters(ctx.model)])
+            except ValueError:  # no second moments yet (before the first step)
+                return out
+            compared, _, _ = self._top("preconditioned", ctx, batch, precondition=pre)
+            out["preconditioned_lambda_max"] = compared
+        out["stability_ratio"] = compared / threshold
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start vectors (flat (P,) tensors) and the random generator's state."""
+        return {"vectors": {k: v.clone() for k, v in self._vectors.items()},
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._vectors = {k: v.clone() for k, v in state.get("vectors", {}).items()}
+        if "generator" in state:
+            self.generator.set_state(state["generator"])

@@ -1,0 +1,58 @@
+"""Conformance: every registered probe (``trajscope.probes.all_probes()``), run by a real Trainer.
+
+A probe is tested here by being registered (importing ``trajscope.probes`` imports every probe
+module). Each runs twice in one short run, under two names and two schedules, and must write finite
+scalars ``<name>/<quantity>`` exactly on its scheduled steps (the trainer emits STEP_END for steps
+1..N), the same quantities under both names, and nothing under a name it was not given.
+"""
+
+import math
+
+import pytest
+
+import trajscope.probes as probes
+from trajscope import schedules as S
+from trajscope.config import RecordConfig, RunConfig
+from trajscope.store import Run
+from trajscope.train import Trainer
+
+STEPS = 8
+SCHEDULES = {"a": [1, 3, 7], "b": [2, 3]}  # overlapping at 3: instances must not collide
+
+
+def test_registry_is_populated():
+    names = probes.all_probes()
+    assert "sharpness" in names
+    for name, cls in names.items():
+        assert cls.default_name == name and cls().name == name  # constructible with no arguments
+
+
+def _instances():
+    out = []
+    for default, cls in sorted(probes.all_probes().items()):
+        for tag, steps in SCHEDULES.items():
+            out.append((cls(schedule=S.at(steps), name=f"{tag}-{default}"), steps))
+    return out
+
+
+@pytest.mark.parametrize("optimizer,extra", [("sgd", {"momentum": 0.9}), ("adam", {})])
+def test_every_probe_writes_exactly_on_its_schedule(tmp_path, optimizer, extra):
+    cfg = RunConfig.for_workload("mnist1d-cnn", workload_options={"width": 8}, optimizer=optimizer,
+                                 lr=0.01, steps=STEPS, batch_size=64, eval_every=STEPS,
+                                 record=RecordConfig.preset("none"), **extra)
+    instances = _instances()
+    result = Trainer(cfg, root=tmp_path, callbacks=[p for p, _ in instances], progress=False).fit()
+    assert result["status"] == "finished"
+    scalars = Run.open(result["path"]).scalars()
+    quantities = {}
+    for probe, steps in instances:
+        mine = scalars[scalars["name"].str.startswith(probe.name + "/")]
+        assert len(mine), f"probe {probe.name!r} wrote nothing"
+        for qname, rows in mine.groupby("name"):
+            assert sorted(rows["step"]) == steps, (qname, sorted(rows["step"]))
+            assert all(math.isfinite(v) for v in rows["value"]), qname
+        default = probe.name.split("-", 1)[1]
+        names = {n.split("/", 1)[1] for n in mine["name"]}
+        assert quantities.setdefault(default, names) == names  # same quantities under both names
+    # every probe was given a name: nothing may appear under a default name
+    assert not [n for n in scalars["name"].unique() if n.split("/", 1)[0] in probes.all_probes()]
