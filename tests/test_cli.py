@@ -143,3 +143,14 @@ def test_analyze_json_summary_per_group(root):
     assert "mds.theta:all" in Run.open(out["path"]).result_names()
     bad = cli("analyze", out["run_id"], "--group", "nosuch*", root=root, check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_landscape_command_stores_a_plane(root):
+    out = json.loads(cli("run", "digits-mlp", "--steps", "20", "--eval-every", "10", "--json", root=root).stdout)
+    s = json.loads(cli("landscape", out["run_id"], "--plane", "pca", "--steps", "5", "--batch-size", "200", "--json",
+                       root=root).stdout)
+    assert s["plane"] == "pca" and s["steps"] == 5 and s["loss_min"] <= s["loss_center"] <= s["loss_max"]
+    _, tensors = Run.open(out["path"]).load_result(s["result"])
+    assert tensors["losses"].shape == (5, 5)
+    bad = cli("landscape", out["run_id"], "--plane", "hessian", root=root, check=False)
+    assert bad.returncode == 2 and "valid choices: pca, random" in bad.stderr

@@ -230,6 +230,33 @@ def analyze(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique p
 
 
 @app.command()
+def landscape(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
+              plane: str = typer.Option("random", "--plane", help="random (filter-normalized) or pca."),
+              steps: int = typer.Option(51, "--steps", min=2, help="Grid points per axis."),
+              data: str = typer.Option("batch", "--data", help="batch (a fixed batch) or train (the full set)."),
+              batch_size: int = typer.Option(1000, "--batch-size", min=1, help="Examples in the fixed batch."),
+              seed: int = typer.Option(0, help="Seed of the random directions."),
+              root: Optional[Path] = RootOpt,
+              progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+              as_json: bool = JsonOpt) -> None:
+    """Loss on a 2-D plane through a stored snapshot, with the trajectory projected on it."""
+    from trajscope.landscape import landscape as make_landscape
+
+    if plane not in ("random", "pca"):
+        raise unknown_choice("plane", plane, ("random", "pca"))
+    if data not in ("batch", "train"):
+        raise unknown_choice("data", data, ("batch", "train"))
+    summary = make_landscape(ref, root=root, plane=plane, steps=steps, data=data, batch_size=batch_size, seed=seed,
+                             progress=progress and not as_json)
+    if as_json:
+        _echo_json(summary)
+    else:
+        typer.echo(f"run {summary['run_id']}: {plane} plane {steps}x{steps} around step {summary['center_step']}: "
+                   f"loss {summary['loss_min']:.4g}..{summary['loss_max']:.4g} (center {summary['loss_center']:.4g}); "
+                   f"stored as {summary['result']} ({summary['wall_s']:.1f} s)")
+
+
+@app.command()
 def report(refs: List[str] = typer.Argument(..., metavar="RUN...", help="One or more runs (id, prefix or name)."),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default ./report-<id>.html)."),
            figures: Optional[Path] = typer.Option(None, "--figures", help="Also save every figure as a PNG here."),

@@ -6,3 +6,5 @@ __all__ = ["REGISTRY", "Probe", "all_probes", "register"]
 
 # Importing a probe module registers its probes (the conformance test runs every registered one).
 from trajscope.probes import sharpness as _sharpness  # noqa: F401,E402
+from trajscope.probes import noise as _noise  # noqa: F401,E402
+from trajscope.probes import kernel as _kernel  # noqa: F401,E402
