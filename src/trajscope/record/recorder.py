@@ -41,10 +41,21 @@ def name_filter(params: str | Iterable[str] | ParamFilter | None) -> ParamFilter
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _norm(tensors: list[torch.Tensor]) -> float:
-    if not tensors:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float()).item()
+def _group_norms(groups: list[list[torch.Tensor]]) -> list[float]:
+    """The L2 norm of each list of tensors (as one concatenated vector), in float32.
+
+    One fused ``_foreach_norm`` over all tensors and one host sync for all groups: on small models
+    the per-call overhead, not the arithmetic, is the cost.
+    """
+    flat = [t for g in groups for t in g]
+    if not flat:
+        return [0.0] * len(groups)
+    per_tensor = torch.stack(torch._foreach_norm(flat)).float()
+    out, i = [], 0
+    for g in groups:
+        out.append(torch.linalg.vector_norm(per_tensor[i:i + len(g)]))
+        i += len(g)
+    return torch.stack(out).tolist()
 
 
 class Recorder:
@@ -89,7 +100,8 @@ class Recorder:
             from trajscope.functional.sketch import Sketcher
 
             self._sketcher = Sketcher(k=sketch_dim, seed=sketch_seed)
-        self._prev = [p.detach().clone() for p in self._params]
+        self._detached = [p.detach() for p in self._params]  # share storage: see in-place updates
+        self._prev = [p.clone() for p in self._detached]
         self._step = start_step
         self.closed = False
         if record_start:
@@ -162,17 +174,19 @@ class Recorder:
                     for i, group in enumerate(optimizer.param_groups):
                         values["lr" if i == 0 else f"lr/{i}"] = float(group["lr"])
                 grads = [p.grad for p in self._params if p.grad is not None]
+                if not first:  # theta_{t-1} - theta_t, in place (the buffer is refilled below)
+                    torch._foreach_sub_(self._prev, self._detached)
+                norms = _group_norms([self._detached, grads, [] if first else self._prev])
+                values["param_norm"] = norms[0]
                 if grads:
-                    values["grad_norm"] = _norm(grads)
-                values["param_norm"] = _norm([p.detach() for p in self._params])
+                    values["grad_norm"] = norms[1]
                 if not first:
-                    diffs = torch._foreach_sub([p.detach() for p in self._params], self._prev)
-                    values["update_norm"] = _norm(diffs)
+                    values["update_norm"] = norms[2]
                 values.update({k: float(v) for k, v in extra.items()})
                 if not math.isfinite(values["param_norm"]):
                     self._diverge(step, "parameters are not finite", values)
                 run.log_scalars(step, values)
-            torch._foreach_copy_(self._prev, [p.detach() for p in self._params])
+            torch._foreach_copy_(self._prev, self._detached)
             if self._sketcher is not None and self.sketch_schedule(step):
                 s = self._sketcher.sketch(self._named)
                 run.log_sketch(step, s, k=self._sketcher.k, seed=self._sketcher.seed)
