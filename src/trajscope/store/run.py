@@ -113,6 +113,10 @@ class Run:
         self._last_commit = time.monotonic()
         self._writer = None  # a one-thread pool for background snapshot writes
         self._pending: list[tuple[Any, int, str, str]] = []  # (future, step, kind, relpath)
+        # Rows queued for the next commit (one executemany each), since per-step inserts dominate
+        # the recorder's cost on small models; readers of this object flush them first.
+        self._scalar_rows: list[tuple[int, str, float]] = []
+        self._sketch_rows: list[tuple[int, bytes]] = []
 
     # ---------------------------------------------------------------- creating and opening
     @classmethod
@@ -284,8 +288,7 @@ class Run:
         """Record scalars of one step (long format); a value for an existing (step, name) replaces it."""
         self._require_writable()
         step = int(step)
-        self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
-                              [(step, k, float(v)) for k, v in values.items()])
+        self._scalar_rows.extend((step, k, float(v)) for k, v in values.items())
 
     def log_sketch(self, step: int, sketch: torch.Tensor, k: int | None = None, seed: int | None = None) -> None:
         """Record the (k,) float32 sketch of the parameter vector at ``step``."""
@@ -293,7 +296,7 @@ class Run:
         data = sketch.detach().to("cpu", torch.float32).numpy().tobytes()
         if "sketch" not in self._meta:
             self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
-        self._con.execute("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", (int(step), data))
+        self._sketch_rows.append((int(step), data))
 
     def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params",
                       background: bool = False) -> Path:
@@ -346,7 +349,18 @@ class Run:
         self._con.execute("INSERT INTO events (step, time, kind, message, data) VALUES (?, ?, ?, ?, ?)",
                           (step, time.time(), kind, message, None if data is None else json.dumps(data)))
 
+    def _flush(self) -> None:
+        """Write the queued scalar and sketch rows into the current transaction."""
+        if self._scalar_rows:
+            self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
+                                  self._scalar_rows)
+            self._scalar_rows = []
+        if self._sketch_rows:
+            self._con.executemany("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", self._sketch_rows)
+            self._sketch_rows = []
+
     def commit(self) -> None:
+        self._flush()
         if self._pending:
             self._drain(wait=False)
         self._con.commit()
@@ -360,6 +374,7 @@ class Run:
     def truncate_after(self, step: int) -> None:
         """Forget everything recorded after ``step`` (used when resuming from a checkpoint)."""
         self._require_writable()
+        self._flush()
         self._con.execute("DELETE FROM scalars WHERE step > ?", (step,))
         self._con.execute("DELETE FROM sketches WHERE step > ?", (step,))
         for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,)).fetchall():
@@ -374,6 +389,7 @@ class Run:
     # ---------------------------------------------------------------- reading
     def scalars(self, names: Iterable[str] | None = None, wide: bool = False) -> pd.DataFrame:
         """Scalars as a DataFrame: long (columns step, name, value) or ``wide`` (index step, a column per name)."""
+        self._flush()
         query, args = "SELECT step, name, value FROM scalars", ()
         if names is not None:
             names = list(names)
@@ -385,14 +401,17 @@ class Run:
         return df
 
     def scalar_names(self) -> list[str]:
+        self._flush()
         return [r[0] for r in self._con.execute("SELECT DISTINCT name FROM scalars ORDER BY name")]
 
     def last_step(self) -> int | None:
         """The largest step with a recorded scalar, or None."""
+        self._flush()
         return self._con.execute("SELECT MAX(step) FROM scalars").fetchone()[0]
 
     def sketches(self) -> tuple[np.ndarray, torch.Tensor]:
         """(steps (T,), sketches (T, k) float32) in step order."""
+        self._flush()
         rows = self._con.execute("SELECT step, data FROM sketches ORDER BY step").fetchall()
         k = self._meta.get("sketch", {}).get("k", 0)
         if not rows:
