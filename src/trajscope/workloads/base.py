@@ -27,6 +27,17 @@ class Data:
             raise ValueError("inputs and labels differ in length")
 
 
+def split_by_seed(x, y, num_val: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(x_train, y_train, x_val, y_val) as tensors: a random permutation drawn from
+    ``numpy.random.RandomState(seed)`` puts its first ``num_val`` examples in validation."""
+    import numpy as np
+
+    perm = np.random.RandomState(seed).permutation(len(y))
+    train, val = perm[num_val:], perm[:num_val]
+    return (torch.from_numpy(x[train]), torch.from_numpy(y[train]),
+            torch.from_numpy(x[val]), torch.from_numpy(y[val]))
+
+
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy over the batch (nats)."""
     return F.cross_entropy(logits, y)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trajscope.workloads.base import Data, Workload, register
+from trajscope.workloads.base import Data, Workload, register, split_by_seed
 
 NUM_VAL = 360
 NUM_CLASSES = 10
@@ -27,10 +27,7 @@ def _split(seed: int) -> tuple[torch.Tensor, ...]:
     digits = load_digits()
     x = (np.asarray(digits.data, dtype=np.float64) / 16.0).astype(np.float32)
     y = np.asarray(digits.target, dtype=np.int64)
-    perm = np.random.RandomState(seed).permutation(len(y))
-    train, val = perm[NUM_VAL:], perm[:NUM_VAL]
-    return (torch.from_numpy(x[train]), torch.from_numpy(y[train]),
-            torch.from_numpy(x[val]), torch.from_numpy(y[val]))
+    return split_by_seed(x, y, NUM_VAL, seed)
 
 
 def make_data(seed: int, options: Mapping[str, Any] | None = None) -> Data:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from trajscope.errors import DataNotFoundError
-from trajscope.workloads.base import Data, Workload, register
+from trajscope.workloads.base import Data, Workload, register, split_by_seed
 
 NUM_VAL = 1000
 NUM_CLASSES = 10
@@ -32,10 +32,7 @@ def _split(seed: int) -> tuple[torch.Tensor, ...]:
     x, y = mnist_data()
     x = (np.asarray(x, dtype=np.float64) / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     y = np.asarray(y, dtype=np.int64)
-    perm = np.random.RandomState(seed).permutation(len(y))
-    train, val = perm[NUM_VAL:], perm[:NUM_VAL]
-    return (torch.from_numpy(x[train]), torch.from_numpy(y[train]),
-            torch.from_numpy(x[val]), torch.from_numpy(y[val]))
+    return split_by_seed(x, y, NUM_VAL, seed)
 
 
 def make_data(seed: int, options: Mapping[str, Any] | None = None) -> Data:
