@@ -47,7 +47,11 @@ class Probe(Callback):
     needs: ClassVar[frozenset[str]] = frozenset()
     event: ClassVar[Event] = Event.STEP_END
 
-    def __init__(self, schedule=None, name: str | None = None):
+    def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None):
+        if every is not None and schedule is not None:
+            raise ValueError("give either schedule or every, not both")
+        if every is not None:
+            schedule = S.every(every)
         self.schedule = S.as_schedule(schedule) if schedule is not None else S.logspace(4)
         self.name = name or self.default_name
         self._checked = False
@@ -81,3 +85,24 @@ class Probe(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class BatchProbe(Probe):
+    """A probe measured on examples: ``data="batch"`` the step's batch (``ctx.batch``), or
+    ``data="fixed"`` the first ``fixed_size`` training examples of ``ctx.data`` (the same set every
+    time; the probe then needs ``data`` instead of ``batch``)."""
+
+    def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None,
+                 data: str = "batch", fixed_size: int = 1024):
+        super().__init__(schedule, name, every=every)
+        if data not in ("batch", "fixed"):
+            raise ValueError(f"data must be 'batch' or 'fixed', got {data!r}")
+        self.data, self.fixed_size = data, fixed_size
+        if data == "fixed":
+            self.needs = (type(self).needs - {"batch"}) | {"data"}
+
+    def examples(self, ctx: StepContext):
+        """The (inputs, labels) to measure on."""
+        if self.data == "fixed":
+            return ctx.data.x_train[:self.fixed_size], ctx.data.y_train[:self.fixed_size]
+        return ctx.batch

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 
-from trajscope import schedules as S
 from trajscope.events import StepContext
 from trajscope.functional.noise import gradient_moments, gradient_snr, gradient_top_overlap, noise_scale
-from trajscope.probes.base import Probe, register
+from trajscope.probes.base import BatchProbe, register
 
 
 @register
-class NoiseProbe(Probe):
+class NoiseProbe(BatchProbe):
     """Gradient noise scale, signal-to-noise ratio and top-eigenspace overlap (module docstring)."""
 
     default_name = "noise"
@@ -41,25 +40,14 @@ class NoiseProbe(Probe):
                  data: str = "batch", fixed_size: int = 256, chunk_size: int = 64, train: bool = False,
                  per_tensor: bool = False, top_k: int = 2, tol: float = 1e-2, max_iter: int = 20,
                  seed: int = 0):
-        if every is not None and schedule is not None:
-            raise ValueError("give either schedule or every, not both")
-        super().__init__(S.every(every) if every is not None else schedule, name)
-        if data not in ("batch", "fixed"):
-            raise ValueError(f"data must be 'batch' or 'fixed', got {data!r}")
-        if data == "fixed":
-            self.needs = frozenset({"data", "loss_fn"})
-        self.data, self.fixed_size, self.chunk_size, self.train = data, fixed_size, chunk_size, train
+        super().__init__(schedule, name, every=every, data=data, fixed_size=fixed_size)
+        self.chunk_size, self.train = chunk_size, train
         self.per_tensor, self.top_k, self.tol, self.max_iter = per_tensor, top_k, tol, max_iter
         self.generator = torch.Generator().manual_seed(seed)
         self._v0: torch.Tensor | None = None
 
-    def _batch(self, ctx: StepContext):
-        if self.data == "fixed":
-            return ctx.data.x_train[:self.fixed_size], ctx.data.y_train[:self.fixed_size]
-        return ctx.batch
-
     def measure(self, ctx: StepContext) -> dict[str, float]:
-        x, y = self._batch(ctx)
+        x, y = self.examples(ctx)
         mom = gradient_moments(ctx.model, ctx.loss_fn, x, y, chunk_size=self.chunk_size, train=self.train)
         ns = noise_scale(mom)
         groups = {"all": list(mom.total), **({n: [n] for n in mom.total} if self.per_tensor else {})}

@@ -28,16 +28,15 @@ from typing import Any
 
 import torch
 
-from trajscope import schedules as S
 from trajscope.events import StepContext
 from trajscope.functional.hessian import (adam_preconditioner, is_adam, stability_threshold,
                                           top_hessian_eigenvalues)
 from trajscope.functional.hvp import trainable_parameters
-from trajscope.probes.base import Probe, register
+from trajscope.probes.base import BatchProbe, register
 
 
 @register
-class SharpnessProbe(Probe):
+class SharpnessProbe(BatchProbe):
     """Top Hessian eigenvalue (and Adam's preconditioned one) vs the stability threshold.
 
     ``data="batch"`` measures on the step's batch (``ctx.batch``); ``data="fixed"`` on the first
@@ -54,22 +53,11 @@ class SharpnessProbe(Probe):
                  data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2, max_iter: int = 30,
                  method: str = "double-backward", curvature: str = "hessian", train: bool | None = True,
                  seed: int = 0):
-        if every is not None and schedule is not None:
-            raise ValueError("give either schedule or every, not both")
-        super().__init__(S.every(every) if every is not None else schedule, name)
-        if data not in ("batch", "fixed"):
-            raise ValueError(f"data must be 'batch' or 'fixed', got {data!r}")
-        if data == "fixed":
-            self.needs = frozenset({"data", "loss_fn", "optimizer"})
-        self.data, self.fixed_size, self.tol, self.max_iter = data, fixed_size, tol, max_iter
+        super().__init__(schedule, name, every=every, data=data, fixed_size=fixed_size)
+        self.tol, self.max_iter = tol, max_iter
         self.kwargs = {"method": method, "curvature": curvature, "train": train}
         self.generator = torch.Generator().manual_seed(seed)
         self._vectors: dict[str, torch.Tensor] = {}
-
-    def _batch(self, ctx: StepContext):
-        if self.data == "fixed":
-            return ctx.data.x_train[:self.fixed_size], ctx.data.y_train[:self.fixed_size]
-        return ctx.batch
 
     def _top(self, key: str, ctx: StepContext, batch, precondition=None):
         """Top eigenpair, warm-started from (and updating) the stored vector ``key``."""
@@ -84,7 +72,7 @@ class SharpnessProbe(Probe):
         return float(eig.values[0]), float(eig.residuals[0]), eig.n_iter
 
     def measure(self, ctx: StepContext) -> dict[str, float]:
-        batch = self._batch(ctx)
+        batch = self.examples(ctx)
         lam, res, n_iter = self._top("hessian", ctx, batch)
         out = {"lambda_max": lam, "residual": res, "iterations": n_iter}
         try:
