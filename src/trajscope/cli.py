@@ -92,6 +92,10 @@ def run(
     option: List[str] = typer.Option([], "--option", "-o", help="Workload option KEY=VALUE (repeatable)."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Data directory (cifar10-resnet20)."),
     record: str = typer.Option("default", help="Recording preset: default, minimal, full or none."),
+    probe: List[str] = typer.Option([], "--probe", help="A probe KIND[:key=value,...] (repeatable), e.g. "
+                                    "sharpness:every=16."),
+    controller: List[str] = typer.Option([], "--controller", help="A controller KIND[:key=value,...] "
+                                         "(repeatable)."),
     root: Optional[Path] = RootOpt,
     name: Optional[str] = typer.Option(None, help="A name for the run (an alias of its id)."),
     resume: bool = typer.Option(False, help="Continue an existing run of this config from its last checkpoint."),
@@ -103,7 +107,7 @@ def run(
     """Train a workload and record the run."""
     _set_threads(threads)
     from trajscope import workloads
-    from trajscope.config import RecordConfig, RunConfig
+    from trajscope.config import CallbackSpec, RecordConfig, RunConfig
     from trajscope.train import Trainer
 
     workloads.get(workload)  # unknown name -> one-line error first
@@ -113,7 +117,8 @@ def run(
     config = RunConfig.for_workload(
         workload, optimizer=optimizer, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
         batch_size=batch_size, steps=steps, schedule=schedule, warmup_steps=warmup_steps, eval_every=eval_every,
-        seed=seed, workload_options=options, record=RecordConfig.preset(record))
+        seed=seed, workload_options=options, record=RecordConfig.preset(record),
+        probes=tuple(CallbackSpec.parse(p) for p in probe), controllers=tuple(CallbackSpec.parse(c) for c in controller))
     result = Trainer(config, root=root, name=name, progress=progress and not as_json, resume=resume,
                      overwrite=overwrite).fit()
     if as_json:
@@ -322,6 +327,45 @@ def demo(root: Optional[Path] = RootOpt, steps: int = typer.Option(1000, help="O
             typer.echo(f"  report: {result['report']}")
         typer.echo(f"  next: trajscope show {result['run_id']} --root {root or 'runs'}")
     _exit_for(result["status"])
+
+
+@app.command()
+def study(name: Optional[str] = typer.Argument(None, metavar="NAME", help="The study ('--list' names them)."),
+          list_: bool = typer.Option(False, "--list", help="Name every study with one line each."),
+          quick: bool = typer.Option(False, "--quick", help="A reduced version (under a minute), for tests."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the section, figures and "
+                                             "JSON (default <root>/studies)."),
+          executor: str = typer.Option("local", "--executor", help="local or ray."),
+          jobs: int = typer.Option(1, "--jobs", min=1, help="Runs in parallel (local executor)."),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray executor)."),
+          root: Optional[Path] = RootOpt, threads: Optional[int] = ThreadsOpt,
+          progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+          as_json: bool = JsonOpt) -> None:
+    """Reproduce a published early-phase finding: runs, analysis, and a table against the paper."""
+    _set_threads(threads)
+    from trajscope import studies
+
+    if list_:
+        items = studies.all_studies()
+        if as_json:
+            _echo_json({"studies": [{"name": s.name, "title": s.title, "summary": s.summary, "paper": s.paper,
+                                     "expected_minutes": s.expected_minutes} for s in items]})
+        else:
+            width = max((len(s.name) for s in items), default=0)
+            for s in items:
+                typer.echo(f"{s.name:<{width}}  {s.summary} (~{s.expected_minutes:.0f} min)")
+        return
+    if name is None:
+        raise UsageError("give a study NAME or --list")
+    result = studies.run_study(name, quick=quick, root=root, out_dir=out, executor=executor, jobs=jobs,
+                               address=address, progress=progress and not as_json,
+                               say=None if as_json else typer.echo)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    for f in result.findings:
+        typer.echo(f"  [{f.verdict}] {f.claim}: paper {f.paper}; here {f.measured}" + (f" ({f.why})" if f.why else ""))
+    typer.echo(f"section: {result.section}")
 
 
 def _usage_line(e: cx.UsageError) -> str:

@@ -60,8 +60,42 @@ class RecordConfig(_Frozen):
         return cls(**presets[name])
 
 
+class CallbackSpec(_Frozen):
+    """A probe or controller of a run, by registered ``kind`` (``trajscope.probes.REGISTRY`` or
+    ``trajscope.controllers.REGISTRY``): built as ``cls(name=name, every=every, **options)``
+    (``every`` only where given). Part of the run's config, so it names the run."""
+
+    kind: str
+    name: str | None = None
+    every: int | None = Field(None, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "CallbackSpec":
+        """``KIND[:key=value,key=value]`` (values as JSON where they parse, else strings), e.g.
+        ``sharpness:every=16,k=1``; the keys ``name`` and ``every`` fill those fields."""
+        import json
+
+        kind, _, rest = text.partition(":")
+        values: dict[str, Any] = {}
+        for item in filter(None, rest.split(",")):
+            if "=" not in item:
+                raise UsageError(f"{text!r}: expected KIND:key=value,..., got {item!r}")
+            key, raw = item.split("=", 1)
+            try:
+                values[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                values[key.strip()] = raw
+        name, every = values.pop("name", None), values.pop("every", None)
+        return validated(cls, {"kind": kind.strip(), "name": name, "every": every, "options": values})
+
+
 class RunConfig(_Frozen):
-    """One training run of a workload. Learning rates are per optimizer step; ``steps`` counts them."""
+    """One training run of a workload. Learning rates are per optimizer step; ``steps`` counts them.
+
+    ``probes`` and ``controllers`` are :class:`CallbackSpec` entries that the trainer builds from
+    their registries (probes first, then controllers, then the caller's own callbacks).
+    """
 
     workload: str
     workload_options: dict[str, Any] = Field(default_factory=dict)
@@ -82,6 +116,8 @@ class RunConfig(_Frozen):
     eval_every: int = Field(100, ge=1)
     seed: int = 0
     record: RecordConfig = Field(default_factory=RecordConfig)
+    probes: tuple[CallbackSpec, ...] = ()
+    controllers: tuple[CallbackSpec, ...] = ()
 
     @model_validator(mode="after")
     def _check(self):

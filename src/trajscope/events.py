@@ -74,6 +74,9 @@ class StepContext:
     parameters are theta_step). ``batch`` is the current (inputs, labels); ``loss`` the current
     mean loss with its graph (between AFTER_FORWARD and BEFORE_OPTIMIZER_STEP); ``metrics`` the
     latest evaluation (``val_loss``, ``val_metric``); ``loss_fn(logits, y)`` the workload's loss.
+    ``values`` holds the scalars that probes measured at this step, keyed as in the store
+    (``<probe name>/<quantity>``); the trainer clears it at STEP_START, so a controller that runs
+    after a probe at the same event reads this step's measurement, never a stale one.
     """
 
     config: Any
@@ -86,6 +89,7 @@ class StepContext:
     batch: "tuple[Tensor, Tensor] | None" = None
     loss: "Tensor | None" = None
     metrics: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
 
     def loss_fn(self, logits: "Tensor", y: "Tensor") -> "Tensor":
         if self.workload is None:

@@ -59,8 +59,9 @@ class Probe(Callback):
     def on_event(self, event: Event, ctx: StepContext) -> None:
         if event is not self.event or not self.schedule(ctx.step):
             return
-        values = self(ctx)
-        ctx.run.log_scalars(ctx.step, {f"{self.name}/{k}": float(v) for k, v in values.items()})
+        values = {f"{self.name}/{k}": float(v) for k, v in self(ctx).items()}
+        ctx.values.update(values)
+        ctx.run.log_scalars(ctx.step, values)
 
     def __call__(self, ctx: StepContext) -> dict[str, float]:
         """Check the needs (once) and measure; usable in a plain loop with a hand-made context."""

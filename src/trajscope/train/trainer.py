@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from trajscope import schedules as S
 from trajscope import workloads
 from trajscope.config import RecordConfig, RunConfig
-from trajscope.errors import DivergedError, TrajscopeError
+from trajscope.errors import DivergedError, TrajscopeError, UsageError, unknown_choice
 from trajscope.events import Callback, Event, StepContext
 from trajscope.record import Recorder, restore
 from trajscope.store import Run
@@ -41,6 +41,35 @@ def checkpoint_schedule(rec: RecordConfig, steps: int) -> S.Schedule:
     if every == 0:
         return S.never()
     return (S.every(every) & ~S.at([0])) | S.at([steps])
+
+
+def build_callbacks(config: RunConfig) -> list[Callback]:
+    """The probes, then the controllers, that ``config`` names (see :class:`CallbackSpec`); an
+    unknown kind or a bad option is a one-line UsageError."""
+    from trajscope import controllers, probes
+
+    out: list[Callback] = []
+    for what, specs, registry in (("probe", config.probes, probes.REGISTRY),
+                                  ("controller", config.controllers, controllers.REGISTRY)):
+        for spec in specs:
+            if spec.kind not in registry:
+                raise unknown_choice(what, spec.kind, registry)
+            kwargs = dict(spec.options)
+            if spec.every is not None:
+                kwargs["every"] = spec.every
+            try:
+                out.append(registry[spec.kind](name=spec.name, **kwargs))
+            except TypeError as e:
+                raise UsageError(f"{what} {spec.kind!r}: {e}") from None
+    names = [getattr(cb, "name", None) for cb in out]
+    dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
+    if dupes:
+        raise UsageError(f"two probes or controllers are named {dupes[0]!r}; give each its own name")
+    return out
+
+
+def _callback_states(callbacks: Iterable[Callback]) -> dict[str, Any]:
+    return {cb.name: cb.state_dict() for cb in callbacks if hasattr(cb, "state_dict") and hasattr(cb, "name")}
 
 
 class BatchSampler:
@@ -83,13 +112,14 @@ class Trainer:
         self.root = root
         self.name = name
         self.callbacks = list(callbacks)
+        self._active: list[Callback] = list(self.callbacks)
         self.progress = progress
         self.resume = resume
         self.overwrite = overwrite
         self.workload = workloads.get(config.workload)
 
     def _emit(self, event: Event, ctx: StepContext) -> None:
-        for cb in self.callbacks:
+        for cb in self._active:
             cb.on_event(event, ctx)
 
     @torch.no_grad()
@@ -111,6 +141,7 @@ class Trainer:
         existing = self._existing()
         if existing is not None:
             return existing
+        self._active = build_callbacks(cfg) + self.callbacks  # a bad spec fails before a run exists
         run = Run.create(self.root, cfg, seed=cfg.seed, name=self.name, exist_ok=self.resume,
                          overwrite=self.overwrite)
         t0 = time.perf_counter()
@@ -144,13 +175,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = wl.make_model(cfg.workload_options)
         optimizer = make_optimizer(model, cfg)
+        callbacks = self._active
         start = 0
         if self.resume:
             ckpt_steps = run.snapshot_steps("checkpoint")
             ckpt_steps = [s for s in ckpt_steps if s > 0] or ckpt_steps
             if ckpt_steps:
                 start = ckpt_steps[-1]
-                restore(run.load_state(start, "checkpoint"), model, optimizer)
+                extra = restore(run.load_state(start, "checkpoint"), model, optimizer)
+                for cb in callbacks:
+                    state = (extra.get("callbacks") or {}).get(getattr(cb, "name", None))
+                    if state is not None:
+                        cb.load_state_dict(state)
                 run.truncate_after(start)
                 run.log_event(start, "resumed", f"resumed from the checkpoint of step {start}")
             else:
@@ -176,6 +212,7 @@ class Trainer:
         try:
             for step in range(start + 1, cfg.steps + 1):
                 ctx.step = step
+                ctx.values = {}
                 self._emit(Event.STEP_START, ctx)
                 idx = sampler.indices(step)
                 x, y = data.x_train[idx], data.y_train[idx]
@@ -194,7 +231,9 @@ class Trainer:
                 optimizer.step()
                 self._emit(Event.AFTER_OPTIMIZER_STEP, ctx)
                 try:
-                    rec.step(loss=loss, optimizer=optimizer)
+                    rec.step(loss=loss, optimizer=optimizer,
+                             checkpoint_extra={"callbacks": _callback_states(callbacks)}
+                             if rec.checkpoints(step) else None)
                 finally:
                     optimizer.zero_grad(set_to_none=True)
                 self._emit(Event.STEP_END, ctx)

@@ -1,0 +1,7 @@
+"""Controllers that act on training (see :mod:`trajscope.controllers.base`)."""
+
+from trajscope.controllers.base import KIND, REGISTRY, Controller, all_controllers, register
+
+__all__ = ["KIND", "REGISTRY", "Controller", "all_controllers", "register"]
+
+# Importing a controller module registers its controllers (add new modules below).

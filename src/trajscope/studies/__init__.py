@@ -1,0 +1,9 @@
+"""Reproductions of published early-phase findings, one file each (see :mod:`trajscope.studies.base`)."""
+
+from trajscope.studies.base import (REGISTRY, Finding, Study, StudyContext, StudyResult, all_studies, get,
+                                    register, run_study)
+
+__all__ = ["REGISTRY", "Finding", "Study", "StudyContext", "StudyResult", "all_studies", "get", "register",
+           "run_study"]
+
+# Importing a study module registers it (add new modules below).
