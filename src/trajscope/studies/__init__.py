@@ -7,3 +7,4 @@ __all__ = ["REGISTRY", "Finding", "Study", "StudyContext", "StudyResult", "all_s
            "run_study"]
 
 # Importing a study module registers it (add new modules below).
+from trajscope.studies import explr as _explr  # noqa: F401,E402
