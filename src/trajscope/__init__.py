@@ -16,7 +16,7 @@ from trajscope.record import Recorder  # noqa: E402
 from trajscope.store import Run  # noqa: E402
 
 __all__ = ["Event", "DivergedError", "RecordConfig", "Recorder", "Run", "RunConfig", "TrajscopeError",
-           "Trainer", "runs", "schedules", "__version__"]
+           "Trainer", "runs", "schedules", "select_lr", "__version__"]
 
 
 def __getattr__(name):
@@ -25,4 +25,8 @@ def __getattr__(name):
         from trajscope.train import Trainer
 
         return Trainer
+    if name == "select_lr":
+        from trajscope.controllers.lr_select import select_lr
+
+        return select_lr
     raise AttributeError(f"module 'trajscope' has no attribute {name!r}")

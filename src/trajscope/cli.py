@@ -368,6 +368,45 @@ def study(name: Optional[str] = typer.Argument(None, metavar="NAME", help="The s
     typer.echo(f"section: {result.section}")
 
 
+@app.command()
+def tune(workload: str = typer.Argument(..., help="Workload name ('trajscope workloads' lists them)."),
+         method: str = typer.Option("early-race", "--method", help="range-test, curvature or early-race."),
+         optimizer: Optional[str] = typer.Option(None, help="Optimizer (default: the workload's)."),
+         momentum: Optional[float] = typer.Option(None, help="SGD momentum (default: the workload's)."),
+         steps: Optional[int] = typer.Option(None, help="Budget of the final run (default: the workload's)."),
+         seed: int = typer.Option(0, help="Random seed."),
+         record: str = typer.Option("default", help="Recording preset of the runs: default, minimal, full or none."),
+         executor: str = typer.Option("local", "--executor", help="local or ray (the race's candidate runs)."),
+         jobs: int = typer.Option(1, "--jobs", min=1, help="Candidate runs in parallel (local executor)."),
+         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray executor)."),
+         root: Optional[Path] = RootOpt, threads: Optional[int] = ThreadsOpt,
+         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+         as_json: bool = JsonOpt) -> None:
+    """Choose the learning rate from the early phase, train at it, and store the decision in the run."""
+    _set_threads(threads)
+    from trajscope import workloads
+    from trajscope.controllers.lr_select import select_lr
+    from trajscope.sweep import EXECUTORS
+
+    workloads.get(workload)
+    if executor not in EXECUTORS:
+        raise unknown_choice("executor", executor, EXECUTORS)
+    sel = select_lr(workload, method, optimizer=optimizer, momentum=momentum, steps=steps, seed=seed,
+                    root=root, executor=executor, jobs=jobs, address=address, record=record,
+                    progress=progress and not as_json)
+    out = sel.to_dict()
+    if as_json:
+        _echo_json(out)
+    else:
+        c = out["choose"]
+        typer.echo(f"{method}: lr {sel.lr:.4g} ({sel.optimizer}) - {sel.reason}")
+        typer.echo(f"  choosing: {c['steps']} steps, {c['hvps']} Hessian-vector products, {c['wall_s']:.1f} s; "
+                   f"total {out['total_step_equivalents']:.0f} step-equivalents for a {sel.budget}-step budget")
+        if sel.run:
+            _print_summary(sel.run)
+    _exit_for((sel.run or {}).get("status", "finished"))
+
+
 def _usage_line(e: cx.UsageError) -> str:
     msg = e.format_message().splitlines()[0] if e.format_message() else str(e)
     if isinstance(e, cx.NoSuchOption) and e.ctx is not None:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from trajscope.errors import UsageError, unknown_choice
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "prodigy", "schedulefree")
 SCHEDULES = ("constant", "warmup-cosine", "step", "exp")
 RECORD_PRESETS = ("default", "minimal", "full", "none")
 
@@ -99,7 +99,7 @@ class RunConfig(_Frozen):
 
     workload: str
     workload_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["sgd", "adam", "adamw", "muon"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "muon", "prodigy", "schedulefree"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False

@@ -29,7 +29,7 @@ from trajscope.store import paths
 from trajscope.store.db import SCHEMA_VERSION, connect
 from trajscope.store.tensors import encode_tensors, load_state, load_tensors, save_state, save_tensors, write_atomic
 
-STATUSES = ("running", "finished", "crashed", "diverged")
+STATUSES = ("running", "finished", "crashed", "diverged", "stopped")  # stopped: a callback asked, resumable
 
 
 def canonical_json(obj: Any) -> str:

@@ -79,6 +79,8 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
                                           momentum=config.momentum or 0.95))
         parts.append(torch.optim.AdamW(rest, lr=config.lr, betas=betas, weight_decay=config.weight_decay))
         return MultiOptimizer(parts)
+    if config.optimizer in LR_FREE:
+        return _lr_free(params, config)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
@@ -104,3 +106,34 @@ def schedule_factor(config: RunConfig, step: int) -> float:
     if s == "exp":
         return config.exp_growth ** (step - 1)
     raise ValueError(f"unknown schedule {s!r}")
+
+
+LR_FREE = ("prodigy", "schedulefree")
+
+
+def _lr_free(params, config: RunConfig) -> torch.optim.Optimizer:
+    """The learning-rate-free baselines (optional extra ``lrfree``), at their own defaults except
+    ``lr``, ``betas`` and ``weight_decay`` from the config (use lr 1.0 for Prodigy, whose ``lr``
+    scales its estimated step, and 0.0025 for schedule-free AdamW, their defaults).
+
+    - ``prodigy``: ``prodigyopt.Prodigy`` (Mishchenko and Defazio 2023), Adam with an estimated
+      distance-to-solution ``d`` as its step size; pair it with a cosine schedule, as its authors do.
+    - ``schedulefree``: ``schedulefree.AdamWScheduleFree`` (Defazio et al. 2024); its own warmup is
+      off (the config's schedule does it; use ``constant`` or a warmup), it is returned in train
+      mode, and the Trainer evaluates with ``optimizer.eval()`` (the averaged weights).
+    """
+    from trajscope.errors import UsageError
+
+    betas = (config.beta1, config.beta2)
+    try:
+        if config.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+
+            return Prodigy(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+        from schedulefree import AdamWScheduleFree
+    except ImportError:
+        raise UsageError(f"optimizer {config.optimizer!r} needs the optional extra: "
+                         "pip install 'trajscope[lrfree]'") from None
+    opt = AdamWScheduleFree(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay, warmup_steps=0)
+    opt.train()
+    return opt

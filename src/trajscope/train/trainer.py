@@ -123,11 +123,20 @@ class Trainer:
             cb.on_event(event, ctx)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: workloads.Data, chunk: int = 4096) -> dict[str, float]:
-        """Validation loss (mean over the set) and metric, in eval mode, restoring the mode after."""
+    def evaluate(self, model: nn.Module, data: workloads.Data, chunk: int = 4096,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Validation loss (mean over the set) and metric, in eval mode, restoring the mode after.
+
+        An optimizer with ``eval()``/``train()`` modes (schedule-free: evaluation uses the averaged
+        weights) is put in eval mode for the evaluation and back in train mode after."""
         was_training = model.training
         model.eval()
+        modal = optimizer is not None and hasattr(optimizer, "eval") and hasattr(optimizer, "train")
+        if modal:
+            optimizer.eval()
         logits = torch.cat([model(data.x_val[i:i + chunk]) for i in range(0, len(data.x_val), chunk)])
+        if modal:
+            optimizer.train()
         model.train(was_training)
         return {"val_loss": self.workload.loss_fn(logits, data.y_val).item(),
                 "val_metric": self.workload.metric_fn(logits, data.y_val)}
@@ -206,7 +215,7 @@ class Trainer:
         model.train()
         self._emit(Event.FIT_START, ctx)
         if start == 0:
-            ctx.metrics = self.evaluate(model, data)
+            ctx.metrics = self.evaluate(model, data, optimizer=optimizer)
             rec.log(0, **ctx.metrics)
         bar = _progress(cfg.steps, start, f"{cfg.workload} {run.id}", self.progress)
         try:
@@ -239,11 +248,19 @@ class Trainer:
                 self._emit(Event.STEP_END, ctx)
                 if step % cfg.eval_every == 0 or step == cfg.steps:
                     self._emit(Event.EVAL_START, ctx)
-                    ctx.metrics = self.evaluate(model, data)
+                    ctx.metrics = self.evaluate(model, data, optimizer=optimizer)
                     rec.log(step, **ctx.metrics)
                     self._emit(Event.EVAL_END, ctx)
                     if not math.isfinite(ctx.metrics["val_loss"]):
                         rec._diverge(step, "validation loss is not finite", {})
+                stopper = next((cb for cb in callbacks if getattr(cb, "stop_requested", False)), None)
+                if stopper is not None:  # e.g. the early race: checkpointed here, so resume continues it
+                    if not rec.checkpoints(step):
+                        rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
+                    bar.close()
+                    run.set_meta(wall_s=time.perf_counter() - t0)
+                    rec.close("stopped")
+                    return summary(Run.open(run.path), stopped_by=getattr(stopper, "name", type(stopper).__name__))
                 bar.update(1)
                 if step % cfg.eval_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.4g}", val=f"{ctx.metrics['val_metric']:.3f}")
