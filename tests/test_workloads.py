@@ -17,7 +17,7 @@ from trajscope.workloads import LOSSES, get, names
 from trajscope.workloads import cifar, digits, mnist5k, modadd
 from trajscope.workloads import mnist1d as mnist1d_workload
 
-NAMES = ["cifar10-resnet20", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist5k-cnn",
+NAMES = ["cifar10-resnet20", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist1d-mlp-mse", "mnist5k-cnn",
          "modadd-mlp", "modadd-transformer"]
 # name -> (x_train shape, x_val shape, num_classes); CIFAR with synthetic=True.
 SHAPES = {
@@ -25,6 +25,7 @@ SHAPES = {
     "digits-mlp": ((1437, 64), (360, 64), 10),
     "mnist1d-cnn": ((4000, 40), (1000, 40), 10),
     "mnist1d-mlp": ((4000, 40), (1000, 40), 10),
+    "mnist1d-mlp-mse": ((4000, 40), (1000, 40), 10),
     "mnist5k-cnn": ((4000, 1, 28, 28), (1000, 1, 28, 28), 10),
     "modadd-mlp": ((4704, 194), (9409 - 4704, 194), 97),
     "modadd-transformer": ((3830, 3), (12769 - 3830, 3), 113),
@@ -33,6 +34,7 @@ HYPERPARAMETERS = {"optimizer", "lr", "momentum", "nesterov", "weight_decay", "b
                    "steps", "schedule", "warmup_steps", "eval_every"}
 CACHES = {"cifar10-resnet20": cifar._synthetic, "digits-mlp": digits._split,
           "mnist1d-cnn": mnist1d_workload._generate, "mnist1d-mlp": mnist1d_workload._generate,
+          "mnist1d-mlp-mse": mnist1d_workload._generate,
           "mnist5k-cnn": mnist5k._split, "modadd-mlp": modadd._split,
           "modadd-transformer": modadd._split}
 

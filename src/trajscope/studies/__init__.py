@@ -7,4 +7,7 @@ __all__ = ["REGISTRY", "Finding", "Study", "StudyContext", "StudyResult", "all_s
            "run_study"]
 
 # Importing a study module registers it (add new modules below).
+from trajscope.studies import catapult as _catapult  # noqa: F401,E402
 from trajscope.studies import explr as _explr  # noqa: F401,E402
+from trajscope.studies import edge_of_stability as _edge_of_stability  # noqa: F401,E402
+from trajscope.studies import kernel_motion as _kernel_motion  # noqa: F401,E402

@@ -1,10 +1,15 @@
-"""MNIST-1D (Greydanus & Kobak, 2020): ``mnist1d-mlp`` and ``mnist1d-cnn``.
+"""MNIST-1D (Greydanus & Kobak, 2020): ``mnist1d-mlp``, ``mnist1d-cnn`` and ``mnist1d-mlp-mse``.
 
 The data set is *generated* with ``mnist1d.data.make_dataset`` (never downloaded): 5,000 signals of
 length 40, 4,000 for training and 1,000 for validation, 10 classes, the generator's seed set from
 the workload seed. Inputs are standardized per feature with the training set's mean and standard
 deviation. Shapes: ``x_train`` (4000, 40) float32, ``y_train`` (4000,) int64, ``x_val`` (1000, 40),
 ``y_val`` (1000,).
+
+``mnist1d-mlp-mse`` is the same MLP trained with the MSE loss to one-hot targets and plain SGD
+(the set-up of the catapult and edge-of-stability studies); its option ``samples`` (default 5,000)
+sets how many signals are generated, 80% of them for training (``samples=6250``: a 5,000-example
+training set, e.g. for full-batch gradient descent).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trajscope.errors import UsageError
 from trajscope.workloads.base import Data, Workload, register
 
 NUM_FEATURES = 40
@@ -24,12 +30,14 @@ NUM_CLASSES = 10
 
 
 @functools.lru_cache(maxsize=8)
-def _generate(seed: int) -> tuple[torch.Tensor, ...]:
-    """(x_train, y_train, x_val, y_val) for ``seed``, standardized; cached, never mutated."""
+def _generate(seed: int, samples: int = 5000) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val) for ``seed`` (``samples`` signals, 80% for training),
+    standardized; cached, never mutated."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
     args.seed = int(seed)
+    args.num_samples = int(samples)
     # make_dataset seeds the global ``random`` and ``numpy.random`` generators: put them back.
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -49,14 +57,19 @@ def _generate(seed: int) -> tuple[torch.Tensor, ...]:
 
 
 def make_data(seed: int, options: Mapping[str, Any] | None = None) -> Data:
-    """MNIST-1D generated with ``seed`` (options are model-only and ignored); fresh clones."""
-    x_train, y_train, x_val, y_val = (t.clone() for t in _generate(int(seed)))
+    """MNIST-1D generated with ``seed`` (of the options only ``samples`` is read); fresh clones."""
+    samples = int((options or {}).get("samples", 5000))
+    if samples < 50:
+        raise UsageError(f"mnist1d needs samples >= 50, got {samples}")
+    x_train, y_train, x_val, y_val = (t.clone() for t in _generate(int(seed), samples))
     return Data(x_train, y_train, x_val, y_val, NUM_CLASSES)
 
 
 def make_mlp(options: Mapping[str, Any] | None = None) -> nn.Module:
     """MLP 40 -> width (x depth hidden layers, ReLU) -> 10 logits; input (B, 40)."""
     o = {**MLP_OPTIONS, **(options or {})}
+    if int(o["depth"]) < 0 or int(o["width"]) < 1:
+        raise UsageError(f"mnist1d MLP needs depth >= 0 and width >= 1, got depth={o['depth']}, width={o['width']}")
     layers: list[nn.Module] = []
     fan_in = NUM_FEATURES
     for _ in range(int(o["depth"])):
@@ -120,4 +133,19 @@ register(Workload(
               "weight_decay": 0.0, "batch_size": 128, "steps": 2000,
               "schedule": "warmup-cosine", "warmup_steps": 0, "eval_every": 100},
     options=CNN_OPTIONS,
+))
+
+MLP_MSE_OPTIONS = {**MLP_OPTIONS, "samples": 5000}
+
+register(Workload(
+    name="mnist1d-mlp-mse",
+    description="MNIST-1D (generated, 80/20 split of 'samples') with a ReLU MLP, MSE to one-hot, plain SGD",
+    make_data=make_data,
+    make_model=make_mlp,
+    loss="mse",
+    target=0.50,
+    defaults={"optimizer": "sgd", "lr": 0.05, "momentum": 0.0, "nesterov": False,
+              "weight_decay": 0.0, "batch_size": 128, "steps": 1000,
+              "schedule": "constant", "warmup_steps": 0, "eval_every": 100},
+    options=MLP_MSE_OPTIONS,
 ))
