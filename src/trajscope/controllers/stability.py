@@ -1,0 +1,166 @@
+"""The stability controller: keep sharpness / stability threshold in a band by scaling the lr.
+
+``stability`` (:class:`StabilityController`). Every ``every`` steps (default 10), at STEP_END, it
+measures the stability ratio ``r = lambda / threshold(eta)`` of the step just taken: ``lambda`` the
+top Hessian eigenvalue of the loss on the step's batch (``data="batch"``) or on a fixed set
+(``data="fixed"``), ``threshold`` the optimizer's (:func:`~trajscope.functional.hessian.stability_threshold`:
+``2/eta`` for SGD, ``(2+2 beta)/eta`` heavy ball, ``(2+2 beta1)/(eta (1-beta1))`` for Adam/AdamW,
+compared there with the sharpness of Adam's preconditioned Hessian), ``eta`` the learning rate in
+effect at that step. It uses its own :class:`~trajscope.probes.sharpness.SharpnessProbe` (options
+``data``, ``fixed_size``, ``tol``, ``max_iter``, ``seed``), or, with ``probe="<name>"``, reads
+``<name>/stability_ratio`` from a sharpness probe that runs before it (it then decides only on the
+steps where that probe measured).
+
+The decision: if ``low <= r <= high`` (default 0.8 and 0.95: just under the edge of stability) it
+does nothing; otherwise it moves the lr multiplier ``m`` toward ``target`` (default the middle of the
+band): ``m <- clip(m * clip(target / r, 1/(1+max_change), 1+max_change), min_multiplier,
+max_multiplier)``, a bounded change per decision. Since ``r`` is proportional to ``eta`` at fixed
+curvature, on a quadratic with top eigenvalue ``lambda`` SGD's lr converges into
+``[2 low / lambda, 2 high / lambda]`` (tested). ``max_multiplier=1`` makes it a cap that only ever
+lowers the schedule's lr.
+
+The multiplier composes with the schedule: at BEFORE_OPTIMIZER_STEP it sets every param group's
+``lr`` to ``base * m``, ``base`` being the lr the trainer's schedule has just written. In a plain
+loop whose lr nobody rewrites, the controller recognizes its own previous value (the group's lr
+equals what it wrote) and keeps using the previous base, so the multiplier never compounds.
+
+Every change is a decision in the run (evidence: ``lambda_max``, ``stability_threshold``,
+``stability_ratio``, the lr, the band); ``<name>/ratio``, ``<name>/lambda_max``,
+``<name>/multiplier`` (in effect at the measured step) and ``<name>/lr`` are written at each
+measurement. ``regime="<probe>"``: no change while the activation regime is chaotic (the refusal is
+written instead; :mod:`trajscope.controllers.regime`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from trajscope.controllers.base import Controller, register
+from trajscope.controllers.regime import RegimeGate
+from trajscope.errors import UsageError
+from trajscope.events import StepContext
+
+
+@dataclass
+class StabilityState:
+    """``multiplier``: the factor on the schedule's lr; the last measured ``ratio`` and
+    ``lambda_max``; ``changes``: decisions that changed the multiplier; ``refusals``: changes
+    refused in the chaotic regime."""
+
+    multiplier: float = 1.0
+    ratio: float | None = None
+    lambda_max: float | None = None
+    changes: int = 0
+    refusals: int = 0
+
+
+def next_multiplier(multiplier: float, ratio: float, low: float, high: float, target: float,
+                    max_change: float, min_multiplier: float, max_multiplier: float) -> float:
+    """The decision rule (module docstring) as a plain function: the new multiplier."""
+    if low <= ratio <= high:
+        return multiplier
+    step = 1.0 + max_change
+    factor = min(max(target / ratio, 1.0 / step), step) if ratio > 0 else step
+    return min(max(multiplier * factor, min_multiplier), max_multiplier)
+
+
+@register
+class StabilityController(Controller):
+    """Scale the lr to keep the stability ratio in ``[low, high]`` (module docstring)."""
+
+    default_name = "stability"
+    needs = frozenset({"optimizer"})
+
+    def __init__(self, name: str | None = None, every: int | None = None, *, low: float = 0.8,
+                 high: float = 0.95, target: float | None = None, max_change: float = 0.25,
+                 min_multiplier: float = 1e-2, max_multiplier: float = 1e2, probe: str | None = None,
+                 regime: str | None = None, data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2,
+                 max_iter: int = 30, seed: int = 0):
+        super().__init__(name, every if every is not None else 10)
+        target = (low + high) / 2 if target is None else target
+        if not (0 < low <= target <= high) or max_change <= 0 or not (0 < min_multiplier <= 1 <= max_multiplier):
+            raise UsageError("stability: need 0 < low <= target <= high, max_change > 0 and "
+                             "min_multiplier <= 1 <= max_multiplier")
+        self.low, self.high, self.target, self.max_change = float(low), float(high), float(target), float(max_change)
+        self.min_multiplier, self.max_multiplier = float(min_multiplier), float(max_multiplier)
+        self.probe_name = probe
+        self.gate = RegimeGate(regime)
+        self.state = StabilityState()
+        self._probe = None
+        if probe is None:
+            from trajscope.probes.sharpness import SharpnessProbe
+
+            self._probe = SharpnessProbe(name=f"{self.name}.sharpness", data=data, fixed_size=fixed_size, tol=tol,
+                                         max_iter=max_iter, seed=seed)
+            self.needs = frozenset({"optimizer", "loss_fn", "batch" if data == "batch" else "data"})
+        self._base: list[float] = []
+        self._applied: list[float] = []
+
+    def on_before_optimizer_step(self, ctx: StepContext) -> None:
+        self.check(ctx)
+        m = self.state.multiplier
+        groups = ctx.optimizer.param_groups
+        bases = []
+        for i, group in enumerate(groups):
+            lr = float(group["lr"])
+            ours = i < len(self._applied) and lr == self._applied[i]
+            bases.append(self._base[i] if ours else lr)
+            group["lr"] = bases[-1] * m
+        self._base, self._applied = bases, [float(g["lr"]) for g in groups]
+
+    def _measure(self, ctx: StepContext) -> dict[str, float] | None:
+        if self._probe is None:
+            prefix = f"{self.probe_name}/"
+            if prefix + "stability_ratio" not in ctx.values:
+                return None
+            return {k[len(prefix):]: v for k, v in ctx.values.items() if k.startswith(prefix)}
+        out = self._probe(ctx)
+        if "stability_threshold" not in out:
+            raise UsageError(f"controller {self.name!r} needs an optimizer with a known stability threshold "
+                             f"(SGD, Adam, AdamW), not {type(ctx.optimizer).__name__}")
+        return out if "stability_ratio" in out else None  # Adam before its first step: no ratio yet
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        self.gate.observe(ctx)
+        if ctx.step % self.every:
+            return
+        self.check(ctx)
+        out = self._measure(ctx)
+        if out is None:
+            return
+        s, ratio, lr = self.state, float(out["stability_ratio"]), float(ctx.optimizer.param_groups[0]["lr"])
+        s.ratio, s.lambda_max = ratio, float(out.get("lambda_max", math.nan))
+        self.log_values(ctx, {"ratio": ratio, "lambda_max": s.lambda_max, "multiplier": s.multiplier, "lr": lr})
+        evidence = {**{k: float(v) for k, v in out.items() if k in ("lambda_max", "preconditioned_lambda_max",
+                                                                 "stability_threshold", "stability_ratio")},
+                    "lr": lr, "band": [self.low, self.high], "target": self.target, **self.gate.evidence()}
+        if not math.isfinite(ratio):
+            self.decide(ctx, "held: stability ratio not finite", reason=f"ratio {ratio}", evidence=evidence)
+            return
+        new = next_multiplier(s.multiplier, ratio, self.low, self.high, self.target, self.max_change,
+                              self.min_multiplier, self.max_multiplier)
+        if new == s.multiplier:
+            return
+        side = "above" if ratio > self.high else "below"
+        why = f"stability ratio {ratio:.3g} {side} the band [{self.low:g}, {self.high:g}]"
+        if self.gate.chaotic:
+            s.refusals += 1
+            self.decide(ctx, "held: chaotic regime", reason=f"{why}, but the activation regime is chaotic",
+                        evidence=evidence)
+            return
+        old, s.multiplier, s.changes = s.multiplier, new, s.changes + 1
+        self.decide(ctx, f"lr multiplier {old:.4g} -> {new:.4g}", reason=why,
+                    evidence={**evidence, "multiplier_before": old, "multiplier_after": new})
+
+    def buffers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"regime": self.gate.state()}
+        if self._probe is not None:
+            out["probe"] = self._probe.state_dict()
+        return out
+
+    def load_buffers(self, buffers: dict[str, Any]) -> None:
+        self.gate.load(buffers.get("regime"))
+        if self._probe is not None and "probe" in buffers:
+            self._probe.load_state_dict(buffers["probe"])
