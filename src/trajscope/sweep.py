@@ -33,11 +33,42 @@ def train_one(config: dict[str, Any] | RunConfig, root: str | None, threads: int
         torch.set_num_threads(threads)
     cfg = config if isinstance(config, RunConfig) else RunConfig(**config)
     try:
-        return Trainer(cfg, root=root, progress=False).fit()
+        status = existing_status(cfg, root)
+        if status in ("finished", "diverged"):  # a result already: reuse it (divergence is a result)
+            return cached_summary(cfg, root)
+        # A crashed (killed) run continues from its last checkpoint; a new one starts.
+        return Trainer(cfg, root=root, progress=False, resume=status is not None).fit()
     except TrajscopeError as e:
         return {"status": "failed", "error": str(e), "workload": cfg.workload}
     except Exception as e:  # a bug or a resource error in one run must not stop the sweep
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "workload": cfg.workload}
+
+
+def _run_path(cfg: RunConfig, root: str | None) -> Path:
+    from trajscope.store import run_id_for
+    from trajscope.store.paths import default_root, run_dir
+
+    return run_dir(root if root is not None else default_root(), run_id_for(cfg.model_dump(mode="json"), cfg.seed))
+
+
+def existing_status(cfg: RunConfig, root: str | None) -> str | None:
+    """The status of the run that ``cfg`` names under ``root``, or None if there is none."""
+    from trajscope.store import Run
+    from trajscope.store.paths import is_run_dir
+
+    path = _run_path(cfg, root)
+    if not is_run_dir(path):
+        return None
+    with Run.open(path) as run:
+        return run.status
+
+
+def cached_summary(cfg: RunConfig, root: str | None) -> dict[str, Any]:
+    from trajscope.store import Run
+    from trajscope.train import summary
+
+    with Run.open(_run_path(cfg, root)) as run:
+        return summary(run, cached=True)
 
 
 def run_configs(configs: Sequence[RunConfig], root: str | os.PathLike | None = None, executor: str = "local",

@@ -208,8 +208,9 @@ class Trainer:
                        grads=snapshot_schedule(rec_cfg) if rec_cfg.grads else None,
                        optimizer_state=snapshot_schedule(rec_cfg) if rec_cfg.optimizer_state else None,
                        buffers=snapshot_schedule(rec_cfg) if rec_cfg.buffers else None,
-                       checkpoints=checkpoint_schedule(rec_cfg, cfg.steps), sketch_dim=rec_cfg.sketch_dim,
+                       checkpoints=S.never(), sketch_dim=rec_cfg.sketch_dim,
                        sketch_seed=rec_cfg.sketch_seed, start_step=start, record_start=start == 0)
+        checkpoints = checkpoint_schedule(rec_cfg, cfg.steps)
         ctx = StepContext(cfg, run, model, optimizer, wl, data, step=start)
         self._emit(Event.INIT, ctx)
         model.train()
@@ -240,9 +241,7 @@ class Trainer:
                 optimizer.step()
                 self._emit(Event.AFTER_OPTIMIZER_STEP, ctx)
                 try:
-                    rec.step(loss=loss, optimizer=optimizer,
-                             checkpoint_extra={"callbacks": _callback_states(callbacks)}
-                             if rec.checkpoints(step) else None)
+                    rec.step(loss=loss, optimizer=optimizer)
                 finally:
                     optimizer.zero_grad(set_to_none=True)
                 self._emit(Event.STEP_END, ctx)
@@ -253,9 +252,11 @@ class Trainer:
                     self._emit(Event.EVAL_END, ctx)
                     if not math.isfinite(ctx.metrics["val_loss"]):
                         rec._diverge(step, "validation loss is not finite", {})
+                if checkpoints(step):  # after every callback has finished the step, so their state is whole
+                    rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
                 stopper = next((cb for cb in callbacks if getattr(cb, "stop_requested", False)), None)
                 if stopper is not None:  # e.g. the early race: checkpointed here, so resume continues it
-                    if not rec.checkpoints(step):
+                    if not checkpoints(step):
                         rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
                     bar.close()
                     run.set_meta(wall_s=time.perf_counter() - t0)
