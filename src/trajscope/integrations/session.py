@@ -147,10 +147,7 @@ class Session:
         self._params = [p for _, p in model.named_parameters()]
         self.rec = recorder_for(model, self.run, self.record, start_step)
         self.ctx = StepContext(self.run.config, self.run, model, optimizer, self.workload, self.data, step=start_step)
-        states = (self._loaded or {}).get("callbacks") or {}
-        for cb in self.callbacks:
-            if getattr(cb, "name", None) in states and hasattr(cb, "load_state_dict"):
-                cb.load_state_dict(states[cb.name])
+        self.restore_callbacks((self._loaded or {}).get("callbacks") or {})
         self._emit(Event.INIT)
         self._emit(Event.FIT_START)
 
@@ -244,6 +241,12 @@ class Session:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Keep ``state`` to apply at :meth:`open` (frameworks restore callbacks before training)."""
         self._loaded = dict(state)
+
+    def restore_callbacks(self, states: Mapping[str, Any]) -> None:
+        """Give each probe and controller its state from ``states`` (keyed by name), where present."""
+        for cb in self.callbacks:
+            if getattr(cb, "name", None) in states and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(states[cb.name])
 
     def _emit(self, event: Event) -> None:
         for cb in self.callbacks:
