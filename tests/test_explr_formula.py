@@ -92,3 +92,21 @@ def test_equivalence_with_momentum_after_the_first_step(problem):
     # the mismatch is about eta lam gamma / (1 - gamma) for small eta lam
     assert first_step_mismatch(0.1, 0.9, 5e-4) == pytest.approx(0.1 * 5e-4 * 0.9 / 0.1, rel=0.01)
     assert math.isfinite(first_step_mismatch(eta, gamma, lam))
+
+
+def test_scale_invariant_names_finds_the_weights_before_batchnorm():
+    """Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear: the two bias-free weights before a BN
+    are invariant alone, the first BN's scale and shift together (ReLU and the next linear map are
+    positively homogeneous and the second BN normalizes); the second BN's affine and the read-out,
+    followed by no normalization, are not, even though the BN shifts are zero at init."""
+    from torch import nn
+
+    from trajscope.functional.explr import scale_invariant_names
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8, bias=False),
+                          nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    found = scale_invariant_names(model, F.cross_entropy, (x, y))
+    assert found == ["0.weight", "1.weight", "1.bias", "3.weight"]
+    assert float(model[1].bias.detach().abs().sum()) == 0.0  # the original model is untouched

@@ -26,7 +26,12 @@ after step 1, which :func:`first_step_mismatch` returns.
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
 
 
 def exp_lr_alpha(lr: float, momentum: float, weight_decay: float) -> float:
@@ -68,3 +73,44 @@ def first_step_mismatch(lr: float, momentum: float, weight_decay: float) -> floa
     """(1 - weight_decay lr) / alpha - 1: the relative radial difference after the first update
     between the two runs started with empty momentum buffers (0 without momentum)."""
     return (1.0 - weight_decay * lr) / exp_lr_alpha(lr, momentum, weight_decay) - 1.0
+
+
+def scale_invariant_names(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                          batch: tuple[Tensor, Tensor], factor: float = 3.0, rtol: float = 1e-4,
+                          seed: int = 0) -> list[str]:
+    """The parameters in a scale-invariant set: a tensor alone, or all the direct parameters of one
+    module together (e.g. a BatchNorm's scale and shift when a convolution and another BatchNorm
+    follow), such that the training-mode loss on ``batch`` is unchanged (within relative ``rtol``)
+    when that set alone is multiplied by ``factor``.
+
+    Checked on a copy of the model whose parameters are first moved off their init by seeded
+    noise (each tensor plus 0.5 times its RMS, or 0.5 where it is all zero, times a standard
+    normal), so a tensor that is zero at init (a BatchNorm shift) does not pass by being zero. The
+    original model, its running statistics and the global generator are untouched. BatchNorm's eps
+    makes the invariance approximate (relative error about eps / variance), hence the tolerance.
+    """
+    work = copy.deepcopy(model).train()
+    g = torch.Generator().manual_seed(seed)
+    x, y = batch
+    with torch.no_grad():
+        for p in work.parameters():
+            rms = float(p.pow(2).mean().sqrt()) or 1.0
+            p.add_(0.5 * rms * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        base = float(loss_fn(work(x), y))
+        params = dict(work.named_parameters())
+        sets = [[n] for n in params]
+        for mname, module in work.named_modules():
+            own = [f"{mname}.{n}" if mname else n for n, _ in module.named_parameters(recurse=False)]
+            if len(own) > 1:
+                sets.append(own)
+        found: set[str] = set()
+        for names in sets:
+            keep = [params[n].detach().clone() for n in names]
+            for n in names:
+                params[n].mul_(factor)
+            changed = float(loss_fn(work(x), y))
+            for n, k in zip(names, keep):
+                params[n].copy_(k)
+            if abs(changed - base) <= rtol * max(abs(base), 1e-12):
+                found.update(names)
+    return [n for n in params if n in found]
