@@ -1,9 +1,9 @@
 """Learning rate from curvature: eta = c * T / lambda, lambda measured after a short warm-up.
 
 The quantity: ``lambda`` is the top eigenvalue of the Hessian of the mean training loss on a fixed
-set of training examples (the first ``examples``, by default one batch; all trainable parameters; BatchNorm in train mode
-without side effects), for Adam/AdamW of the preconditioned Hessian P^{-1/2} H P^{-1/2} (P Adam's
-sqrt(v_hat) + eps, :func:`~trajscope.functional.hessian.adam_preconditioner`). ``T`` is the rate-free
+set of training examples (the first ``examples``, by default one batch; all trainable parameters;
+BatchNorm in train mode without side effects), for Adam/AdamW of the preconditioned Hessian
+P^{-1/2} H P^{-1/2} (P Adam's sqrt(v_hat) + eps, :func:`~trajscope.functional.hessian.adam_preconditioner`). ``T`` is the rate-free
 part of the optimizer's stability threshold, ``stability_threshold(optimizer) * lr``: 2 for plain
 SGD, 2 + 2 beta for heavy-ball momentum beta, (2 + 2 beta1) / (1 - beta1) for Adam. The ratio
 ``r = eta lambda / T`` is the stability ratio: r = 1 is the edge of stability.
@@ -84,7 +84,7 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
     Adam's preconditioner needs second moments, so for Adam the first warm-up step is taken at rate
     0 (it fills the moments and leaves the weights as they are) and lambda_0 is measured after it.
     The result: ``lr``, ``lambda``, ``lambda_0``, ``warmup_lr``, ``threshold_unit``, ``c``,
-    ``ratio`` (= c), ``regimes`` and ``compute`` (a :class:`Compute`).
+    ``ratio`` (= c), ``regimes``, ``hvps`` and ``compute`` (a :class:`Compute`).
     """
     opt = loop.optimizer
     t_unit = threshold_unit(opt)
@@ -114,5 +114,5 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
     lr = rate_from_curvature(lam, t_unit, c)
     return {"lr": lr, "lambda": lam, "lambda_0": lam0, "warmup_steps": t, "warmup_lr": warmup_lr,
             "warmup_loss": losses[-1] if losses else None, "threshold_unit": t_unit, "c": c, "ratio": c,
-            "preconditioned": is_adam(opt), "examples": n_ex, "regimes": regimes(lam, t_unit),
+            "preconditioned": is_adam(opt), "examples": n_ex, "hvps": n0 + n1, "regimes": regimes(lam, t_unit),
             "regime": "stable" if c < 1 else "catapult", "compute": compute}

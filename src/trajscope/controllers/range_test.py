@@ -22,8 +22,8 @@ DEFAULT_BOUNDS = {"sgd": (1e-4, 10.0), "adam": (1e-6, 1.0), "adamw": (1e-6, 1.0)
 class RangeTestResult:
     """``lr`` the suggestion; ``rates``, ``losses``, ``smoothed`` per step taken (``steps`` of them);
     ``diverged_at`` the index where the smoothed loss diverged (None if it never did);
-    ``steepest_at`` the index of the suggestion; ``first_increase_lr`` the rate of the first step
-    whose raw loss exceeded the previous one (None if the loss never rose)."""
+    ``steepest_at`` the index of the suggestion; ``first_increase_lr`` the rate of the first update
+    after which the raw loss exceeded the loss before it (None if the loss never rose)."""
 
     lr: float
     rates: list[float]
@@ -55,7 +55,8 @@ def range_test(step: Callable[[int, float], float], lr_min: float, lr_max: float
     usable = diverged if diverged is not None else len(losses)
     usable = max(usable, 1)
     i = lr_range.steepest_descent_index(rates[:usable], smoothed[:usable], skip=min(skip, max(usable - 1, 0)))
-    rise = next((rates[j] for j in range(1, len(losses))
+    # the loss of step j is measured before update j, so a rise from j-1 to j is update j-1's doing
+    rise = next((rates[j - 1] for j in range(1, len(losses))
                  if losses[j] > losses[j - 1] or not math.isfinite(losses[j])), None)
     return RangeTestResult(lr=rates[i], rates=rates[:len(losses)], losses=losses, smoothed=smoothed,
                            steps=len(losses), diverged_at=diverged, steepest_at=i, first_increase_lr=rise)

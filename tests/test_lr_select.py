@@ -1,0 +1,276 @@
+"""Learning rate without a grid search: range test, curvature rule, early race, tune CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trajscope.config import RecordConfig, RunConfig
+from trajscope.controllers import curvature_lr as CL
+from trajscope.controllers.lr_common import Compute, ShortLoop
+from trajscope.controllers.lr_select import RESULT, select_lr
+from trajscope.controllers.race import loss_slope, mean_cosine, race_decision
+from trajscope.controllers.range_test import range_test
+from trajscope.errors import UsageError
+from trajscope.functional import lr_range
+from trajscope.store import Run
+from trajscope.cli import main
+
+
+# ---- range test --------------------------------------------------------------------------------
+
+def test_smoothing_matches_the_direct_weighted_sum():
+    losses = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    beta = 0.7
+    for t in range(1, len(losses) + 1):  # m_t / (1 - beta^t) = sum_k (1-beta) beta^(t-k) l_k / (1 - beta^t)
+        ref = sum((1 - beta) * beta ** (t - k) * losses[k - 1] for k in range(1, t + 1)) / (1 - beta ** t)
+        assert lr_range.smooth_losses(losses, beta)[t - 1] == pytest.approx(ref, rel=1e-12)
+
+
+def test_steepest_descent_of_a_closed_form_curve():
+    # s(r) = -tanh(2 (log r - log 0.03)) falls fastest at r = 0.03; the grid has 0.03 on it
+    rates = lr_range.exponential_rates(3e-4, 3.0, 81)  # 20 points per decade: 0.03 is index 40
+    s = [-math.tanh(2 * (math.log(r) - math.log(0.03))) for r in rates]
+    assert lr_range.steepest_descent_index(rates, s) == 40
+    assert lr_range.divergence_index([1.0, 0.5, 1.9, 2.1]) == 3 and lr_range.divergence_index([1.0, 0.9]) is None
+
+
+def test_range_test_on_a_quadratic_follows_the_closed_form():
+    """f(x) = lam x^2 / 2 and x <- x - eta lam x: the loss before update t is lam/2 (prod_{s<t}
+    (1 - eta_s lam))^2 x0^2, and it first rises at the first rate above the divergence rate 2/lam."""
+    lam, x = 4.0, [1.0]
+
+    def step(t, lr):
+        loss = 0.5 * lam * x[0] ** 2
+        x[0] -= lr * lam * x[0]
+        return loss
+
+    res = range_test(step, 1e-3, 10.0, 60, beta=0.0, stop_factor=1e300)
+    prod = 1.0
+    for t, (lr, loss) in enumerate(zip(res.rates, res.losses)):
+        assert loss == pytest.approx(0.5 * lam * prod ** 2, rel=1e-9)
+        prod *= 1 - lr * lam
+    g = lr_range.growth_factor(1e-3, 10.0, 60)
+    assert 2 / lam < res.first_increase_lr <= 2 / lam * g * (1 + 1e-12)
+
+
+def test_range_test_on_linear_regression_diverges_past_two_over_lambda():
+    """Full-batch SGD on least squares (loss = mean of (w.x - y)^2 / 2, Hessian X^T X / n): every
+    mode shrinks while eta < 2/lambda_max, so the loss cannot rise, nor the test stop, before."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g) * torch.tensor([3.0, 1.0, 1.0, 0.5, 0.2])
+    y = torch.randn(64, 1, generator=g)
+    lam = float(torch.linalg.eigvalsh(x.T @ x / len(x))[-1])
+    model = nn.Linear(5, 1, bias=False)
+    cfg = RunConfig(workload="(model)", optimizer="sgd", batch_size=64, steps=100)
+    loop = ShortLoop.for_model(model, lambda out, t: 0.5 * ((out - t) ** 2).sum(-1).mean(), x, y, cfg)
+    res = range_test(loop.step, 1e-4, 10.0, 120)
+    assert res.diverged_at is not None and res.first_increase_lr > 2 / lam
+    assert res.rates[res.diverged_at] > 2 / lam
+    assert res.lr < res.rates[res.diverged_at]  # the suggestion comes from the part before divergence
+    assert loop.compute.steps == res.steps == len(res.losses)
+
+
+# ---- curvature ---------------------------------------------------------------------------------
+
+def _tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(24) % 3
+    return model, nn.functional.cross_entropy, x, y
+
+
+def _full_hessian(model, loss_fn, x, y):
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+
+    def f(flat):
+        out, i = {}, 0
+        for (name, _), s in zip(model.named_parameters(), shapes):
+            n = math.prod(s)
+            out[name] = flat[i:i + n].reshape(s)
+            i += n
+        return loss_fn(torch.func.functional_call(model.double(), out, (x.double(),)), y)
+
+    h = torch.autograd.functional.hessian(f, flat0)
+    model.float()
+    return h
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_curvature_rule_against_the_full_hessian(optimizer):
+    model, loss_fn, x, y = _tiny()
+    cfg = RunConfig(workload="(model)", optimizer=optimizer, momentum=0.9 if optimizer == "sgd" else 0.0,
+                    batch_size=8, steps=100, lr=0.01)
+    loop = ShortLoop.for_model(model, loss_fn, x, y, cfg)
+    res = CL.curvature_select(loop, warmup=6, examples=24, tol=1e-8, max_iter=60)
+    h = _full_hessian(loop.model, loss_fn, x, y)
+    if optimizer == "adamw":
+        from trajscope.functional.hessian import adam_preconditioner
+
+        s = adam_preconditioner(loop.optimizer, list(loop.model.parameters())).double().rsqrt()
+        h = s[:, None] * h * s[None, :]
+        unit = (2 + 2 * 0.9) / (1 - 0.9)
+    else:
+        unit = 2 + 2 * 0.9
+    lam = float(torch.linalg.eigvalsh(h)[-1])
+    assert res["lambda"] == pytest.approx(lam, rel=1e-5)
+    assert res["threshold_unit"] == pytest.approx(unit, rel=1e-12)
+    assert res["lr"] == pytest.approx(CL.C_RATE * unit / lam, rel=1e-5)
+    assert res["regimes"]["catapult"] == pytest.approx([unit / lam, 2 * unit / lam], rel=1e-5)
+    assert res["warmup_steps"] == 6 and loop.compute.steps == 6
+    assert model[0].weight.grad is None  # the caller's model is untouched (a copy was trained)
+
+
+def test_compute_step_equivalents():
+    c = Compute(batch_size=64, steps=10, hvps=3, hvp_examples=128)
+    assert c.step_equivalents == 10 + 2 * 3 * 128 / 64
+    assert c.add(Compute(64, steps=5, hvps=1, hvp_examples=128)).step_equivalents == 15 + 2 * 4 * 2
+
+
+# ---- the race ----------------------------------------------------------------------------------
+
+def test_race_rule():
+    base = {"loss_slope": -0.01, "stability_ratio": 0.5}
+    cands = [{**base, "lr": 0.1, "val_loss": 1.00, "update_mds": 0.9},
+             {**base, "lr": 0.2, "val_loss": 1.03, "update_mds": 0.7},
+             {**base, "lr": 0.4, "val_loss": 0.99, "update_mds": 0.8, "stability_ratio": 2.5},
+             {"lr": 0.8, "diverged": True}]
+    d = race_decision(cands, tol=0.05)
+    assert d["winner"] == 1 and d["verdicts"][2].startswith("out: stability") and d["verdicts"][3] == "out: diverged"
+    with pytest.raises(UsageError):
+        race_decision([{"lr": 1.0, "diverged": True}])
+    assert loss_slope([math.exp(-0.1 * t) for t in range(20)]) == pytest.approx(-0.1)
+    assert mean_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])) == pytest.approx(
+        (2 * (2 ** -0.5) + 0.0) / 3)
+
+
+def _race_cfg(steps=60):
+    return RunConfig.for_workload("digits-mlp", optimizer="sgd", momentum=0.9, steps=steps, eval_every=20,
+                                  record=RecordConfig.preset("minimal"))
+
+
+def test_early_race_continues_the_winner_bit_identically(tmp_path):
+    from trajscope.train import Trainer
+
+    cfg = _race_cfg()
+    sel = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3)
+    at = sel.evidence["race_steps"]
+    assert at == 12 and sel.run["status"] == "finished" and sel.run["steps"] == 60
+    # the same steps as a plain run at the winning rate (no race controller, never stopped)
+    plain = Trainer(cfg.model_copy(update={"lr": sel.lr}), root=tmp_path / "plain", progress=False).fit()
+    a, b = Run.open(sel.run["path"]), Run.open(plain["path"])
+    try:
+        sa, sb = a.load_state(60, "checkpoint")["model"], b.load_state(60, "checkpoint")["model"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        la = a.scalars(["loss"], wide=True)["loss"]
+        lb = b.scalars(["loss"], wide=True)["loss"]
+        assert la.tolist() == lb.tolist()
+        # the decision is in the run: the result and a controller event at the race's end
+        data, _ = a.load_result(RESULT)
+        assert data["lr"] == sel.lr and data["method"] == "early-race"
+        ev = a.events()
+        dec = [json.loads(d) for d in ev[ev["kind"] == "controller"]["data"]]
+        assert any(d["controller"] == "early-race" and d["evidence"]["winner"] == sel.evidence["winner"] for d in dec)
+    finally:
+        a.close(), b.close()
+    # compute accounting: curvature warm-up + the losers' race steps; HVPs of the curvature and race
+    losers = [r for i, r in enumerate(sel.extra["race_runs"]) if i != sel.evidence["winner"]]
+    loser_steps = 0
+    for rid in losers:
+        r = Run.open(tmp_path / rid)
+        try:
+            assert r.status == "stopped"
+            loser_steps += r.last_step()
+        finally:
+            r.close()
+    assert loser_steps == 2 * at
+    curv = sel.evidence["curvature"]
+    assert sel.choose.steps == curv["warmup_steps"] + loser_steps
+    race_hvps = sum(c["hvps"] for c in sel.evidence["candidates"])
+    assert race_hvps > 0 and sel.choose.hvps == curv["hvps"] + race_hvps
+    assert sel.total_step_equivalents == pytest.approx(
+        sel.choose.steps + 2 * sel.choose.hvps * sel.choose.hvp_examples / cfg.batch_size + 60)
+    # a second call reads the candidates from the store instead of training them again
+    again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3)
+    assert again.lr == sel.lr and again.run["run_id"] == sel.run["run_id"]
+
+
+def test_range_test_and_curvature_store_their_decision(tmp_path):
+    cfg = _race_cfg(40)
+    for method in ("range-test", "curvature"):
+        sel = select_lr(cfg, method, root=tmp_path, progress=False)
+        assert sel.run["steps"] == 40 and sel.total_step_equivalents == pytest.approx(sel.choose.step_equivalents + 40)
+        r = Run.open(sel.run["path"])
+        try:
+            assert r.load_result(RESULT)[0]["lr"] == sel.lr
+            assert r.config["lr"] == sel.lr
+        finally:
+            r.close()
+
+
+def test_bad_input_is_one_line(capsys):
+    with pytest.raises(UsageError, match="unknown method"):
+        select_lr("digits-mlp", "grid")
+    with pytest.raises(UsageError, match="unknown workload"):
+        select_lr("nope", "curvature")
+    with pytest.raises(UsageError, match="early-race trains runs"):
+        select_lr(nn.Linear(2, 2), "early-race", loss_fn=nn.functional.mse_loss, data=(torch.zeros(4, 2),) * 2)
+    with pytest.raises(UsageError, match="option of method"):
+        select_lr("digits-mlp", "curvature", range_steps=3)
+    for args in (["tune", "nope", "--method", "curvature"], ["tune", "digits-mlp", "--method", "bogus"],
+                 ["tune", "digits-mlp", "--executor", "dask"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("trajscope: error: unknown")
+
+
+def test_tune_cli_json(tmp_path, capsys):
+    rc = main(["tune", "digits-mlp", "--method", "curvature", "--steps", "30", "--record", "minimal",
+               "--root", str(tmp_path), "--no-progress", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"method", "lr", "optimizer", "workload", "budget", "choose", "evidence", "reason", "run", "train_steps",
+            "total_step_equivalents", "total_wall_s"} <= set(out)
+    assert {"steps", "hvps", "hvp_examples", "wall_s", "step_equivalents"} <= set(out["choose"])
+    assert out["run"]["status"] == "finished" and out["evidence"]["lambda"] > 0
+
+
+@pytest.mark.parametrize("optimizer,lr", [("prodigy", 1.0), ("schedulefree", 0.0025)])
+def test_lr_free_optimizers_train_and_resume_identically(tmp_path, optimizer, lr):
+    from trajscope.train import Trainer
+
+    cfg = RunConfig.for_workload("digits-mlp", optimizer=optimizer, lr=lr, steps=20, eval_every=5,
+                                 record=RecordConfig(snapshots="none", sketch_dim=0, checkpoint_every=10))
+    full = Trainer(cfg, root=tmp_path / "a", progress=False).fit()
+    assert full["status"] == "finished" and math.isfinite(full["final"]["val_loss"])
+    # a callback stops the run after step 10; resume it: the same final weights as the uninterrupted run
+    part = Trainer(cfg, root=tmp_path / "b", progress=False, callbacks=[_StopAt(10)]).fit()
+    assert part["status"] == "stopped" and part["steps"] == 10
+    done = Trainer(cfg, root=tmp_path / "b", progress=False, resume=True).fit()
+    a, b = Run.open(full["path"]), Run.open(done["path"])
+    try:
+        sa, sb = a.load_state(20, "checkpoint")["model"], b.load_state(20, "checkpoint")["model"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.scalars(["val_metric"], wide=True)["val_metric"].tolist() == \
+            b.scalars(["val_metric"], wide=True)["val_metric"].tolist()
+    finally:
+        a.close(), b.close()
+
+
+class _StopAt:
+    name = "stop-at"
+
+    def __init__(self, at):
+        self.at, self.stop_requested = at, False
+
+    def on_event(self, event, ctx):
+        if event.value == "step_end" and ctx.step == self.at:
+            self.stop_requested = True
+
+    def state_dict(self):
+        return {}
