@@ -127,6 +127,8 @@ class StabilityController(Controller):
         if ctx.step % self.every:
             return
         self.check(ctx)
+        if any(float(g["lr"]) <= 0 for g in ctx.optimizer.param_groups):
+            return  # no threshold at lr 0 (the end of a cosine schedule): nothing to control
         out = self._measure(ctx)
         if out is None:
             return
