@@ -1,0 +1,62 @@
+"""The ray executor: a local Ray instance with 2 CPUs runs a 4-run sweep (one run fails: CIFAR-10
+without its data) into one store; a rerun trains nothing again; each run equals the one the local
+executor trains for the same config."""
+
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from trajscope.config import RecordConfig, RunConfig  # noqa: E402
+from trajscope.errors import UsageError  # noqa: E402
+from trajscope.store import Run, list_runs  # noqa: E402
+from trajscope.sweep import run_configs  # noqa: E402
+
+
+def _configs(tmp_path):
+    small = dict(steps=20, eval_every=10, record=RecordConfig.preset("minimal"), workload_options={"width": 16})
+    return [RunConfig.for_workload("digits-mlp", lr=lr, seed=s, **small) for lr, s in ((1e-3, 0), (3e-3, 0), (1e-3, 1))] \
+        + [RunConfig.for_workload("cifar10-resnet20", steps=2, workload_options={"data_dir": str(tmp_path / "none")})]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def test_without_ray_the_executor_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
+    with pytest.raises(UsageError, match=r"optional extra 'ray'.*trajscope\[ray\]"):
+        run_configs([RunConfig.for_workload("digits-mlp", steps=1)], tmp_path, executor="ray")
+
+
+def test_ray_sweep_into_one_store_reports_failures_and_skips_finished_runs(cluster, tmp_path, capsys):
+    root = tmp_path / "runs"
+    configs = _configs(tmp_path)
+    seen = []
+    results = run_configs(configs, root, executor="ray", jobs=2, progress=False,
+                          on_result=lambda i, s: seen.append(i))
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert capsys.readouterr().out == ""  # Tune's tables go to stderr: stdout stays free for --json
+    assert [r["status"] for r in results] == ["finished", "finished", "finished", "failed"]
+    assert "cifar" in results[3]["error"].lower() or "data" in results[3]["error"].lower()
+    assert [r["workload"] for r in results] == [c.workload for c in configs]
+    runs = {i.run_id: i for i in list_runs(root) if i.status == "finished"}
+    assert set(runs) == {r["run_id"] for r in results[:3]}
+    assert all(i.steps == 20 for i in runs.values())
+    assert [i.status for i in list_runs(root) if i.run_id not in runs] in ([], ["crashed"])  # no data, no steps
+    mtimes = {r["run_id"]: (root / r["run_id"] / "run.db").stat().st_mtime_ns for r in results[:3]}
+
+    again = run_configs(configs, root, executor="ray", jobs=2, progress=False)
+    assert [r["status"] for r in again] == ["finished", "finished", "finished", "failed"]
+    assert all(r.get("cached") for r in again[:3])
+    assert {r["run_id"]: (root / r["run_id"] / "run.db").stat().st_mtime_ns for r in again[:3]} == mtimes
+
+    # a trial's run is the run the local executor trains for the same config
+    local = run_configs(configs[:1], tmp_path / "local", progress=False)[0]
+    assert local["run_id"] == results[0]["run_id"]
+    with Run.open(results[0]["path"]) as a, Run.open(local["path"]) as b:
+        assert a.scalars().equals(b.scalars())
