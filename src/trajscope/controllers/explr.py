@@ -2,30 +2,35 @@
 parameters only (Li and Arora 2020; :mod:`trajscope.functional.explr`).
 
 The theorem covers parameters the loss is invariant to the scale of (a weight followed by
-BatchNorm). A network also has others (BatchNorm's scale and shift, a linear read-out), and giving
-those weight decay or a growing rate breaks the equivalence for reasons outside the theorem. This
-controller therefore splits the optimizer's parameters into two groups at FIT_START: the
-scale-invariant ones (``invariant``, or found numerically on the first 256 training examples with
-:func:`~trajscope.functional.explr.scale_invariant_names`) and the rest. The rest train with the
-config's plain rate and no weight decay in both modes; the scale-invariant group gets
+BatchNorm). A network also has others (BatchNorm's scale and shift before a read-out, the read-out
+itself), and giving those weight decay or a growing rate breaks the equivalence for reasons outside
+the theorem. This controller therefore acts on the scale-invariant parameters only (``invariant``,
+or found numerically on the first 256 training examples at FIT_START with
+:func:`~trajscope.functional.explr.scale_invariant_names`); the rest train with the config's plain
+rate and no weight decay in both modes. With eta the config's (constant) rate:
 
-- ``mode="wd"``: weight decay ``weight_decay`` at the config's fixed rate, or
-- ``mode="exp"``: no weight decay and the rate eta alpha^(-2(t-1)-1) for the t-th update, alpha
-  from (``config.lr``, ``config.momentum``, ``weight_decay``). With ``seed_momentum`` (default)
-  the group's momentum buffer starts at (alpha - 1 + eta lambda) theta_0 / (eta gamma) instead of
-  empty, so that the first update shrinks by alpha as the equivalence needs (the weight-decay run
-  shrinks by 1 - eta lambda); without it the runs differ from step 1 by the radial component of
+- ``mode="wd"``: weight decay ``weight_decay`` on them: ``grad += weight_decay * p`` before the
+  optimizer step (what ``torch.optim.SGD``'s own weight decay does);
+- ``mode="exp"``: no weight decay and the rate eta_t = eta alpha^(-2t-1) for update t (0-based),
+  alpha from (eta, ``config.momentum``, ``weight_decay``). The optimizer keeps its one rate eta, so
+  the controller runs SGD's momentum recursion B = gamma B + g, p -= eta_t B in eta's units: before
+  update t it multiplies the gradient by eta_t / eta and the momentum buffer by
+  eta_t / eta_{t-1} = alpha^-2 (t >= 1), so that the buffer holds (eta_t / eta) B. With
+  ``seed_momentum`` (default) the buffer starts at (eta_0 / eta) c theta_0, c = (alpha - 1 +
+  eta lambda) / (eta gamma), instead of empty, so that the first update shrinks theta by alpha as
+  the equivalence needs (the weight-decay run shrinks by 1 - eta lambda); without it the runs
+  differ from step 1 by the radial component of
   :func:`~trajscope.functional.explr.first_step_mismatch`, which momentum accumulates.
 
-Use it with ``optimizer="sgd"``, ``weight_decay=0`` and ``schedule="constant"`` in the config; it
-refuses anything else in one line. A run with this controller cannot be resumed from a checkpoint
-(its optimizer has two parameter groups; the trainer restores the optimizer before FIT_START).
+Everything it changes lives in the optimizer's state (checkpointed), so a run resumes exactly. The
+recorder's ``grad_norm`` is of the modified gradients. Needs ``optimizer="sgd"``,
+``weight_decay=0`` and ``schedule="constant"`` in the config; it refuses anything else in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import torch
 
 from trajscope.controllers.base import Controller, register
 from trajscope.errors import UsageError
@@ -41,6 +46,7 @@ class ExpLRState:
 
     invariant_tensors: int = 0
     invariant_numel: int = 0
+    invariant: list = dataclasses.field(default_factory=list)  # their names
 
 
 @register
@@ -58,7 +64,7 @@ class ExpLRController(Controller):
         self.mode, self.weight_decay, self.invariant = mode, float(weight_decay), invariant
         self.seed_momentum = bool(seed_momentum)
         self.state = ExpLRState()
-        self._group = None
+        self._params: list = []
 
     def on_fit_start(self, ctx: StepContext) -> None:
         self.check(ctx)
@@ -66,9 +72,9 @@ class ExpLRController(Controller):
         if cfg.optimizer != "sgd" or cfg.weight_decay != 0 or cfg.schedule != "constant":
             raise UsageError("explr: needs optimizer sgd, weight_decay 0 and schedule constant in the config "
                              f"(got {cfg.optimizer}, {cfg.weight_decay}, {cfg.schedule})")
-        if ctx.step > 0:
-            raise UsageError("explr: a run with this controller cannot be resumed; train it again")
         names = self.invariant
+        if ctx.step > 0 and self.state.invariant:  # resumed: the split of the interrupted run
+            names = list(self.state.invariant)
         if names is None:
             batch = (ctx.data.x_train[:256], ctx.data.y_train[:256])
             names = scale_invariant_names(ctx.model, ctx.loss_fn, batch)
@@ -76,28 +82,32 @@ class ExpLRController(Controller):
         unknown = [n for n in names if n not in params]
         if unknown:
             raise UsageError(f"explr: the model has no parameter {unknown[0]!r}")
-        chosen = {id(params[n]) for n in names}
-        opt = ctx.optimizer
-        if len(opt.param_groups) != 1:
-            raise UsageError("explr: expects the optimizer to have one parameter group")
-        group = opt.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in chosen]
-        opt.add_param_group({"params": [params[n] for n in names],
-                             "weight_decay": self.weight_decay if self.mode == "wd" else 0.0})
-        self._group = opt.param_groups[-1]
+        self._params = [params[n] for n in names]
+        self.state = ExpLRState(len(names), sum(params[n].numel() for n in names), list(names))
+        if ctx.step > 0:  # resumed: the buffers come back with the optimizer's state
+            return
         if self.mode == "exp" and self.seed_momentum and cfg.momentum > 0:
             alpha = exp_lr_alpha(cfg.lr, cfg.momentum, self.weight_decay)
             c = (alpha - 1.0 + cfg.lr * self.weight_decay) / (cfg.lr * cfg.momentum)
-            for n in names:  # SGD's first step then makes buf = gamma * buf + grad
-                opt.state[params[n]]["momentum_buffer"] = c * params[n].detach().clone()
-        self.state = ExpLRState(len(names), sum(params[n].numel() for n in names))
+            r0 = exp_lr_at(cfg.lr, cfg.momentum, self.weight_decay, 0) / cfg.lr
+            for p in self._params:  # SGD's first step then makes buf = gamma * buf + grad
+                ctx.optimizer.state[p]["momentum_buffer"] = (r0 * c) * p.detach().clone()
         self.decide(ctx, f"{self.mode} on {len(names)} scale-invariant tensors", reason="Li and Arora equivalence",
                     evidence={"invariant": list(names)})
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
-        if self.mode == "exp" and self._group is not None:
-            cfg = ctx.config
-            self._group["lr"] = exp_lr_at(cfg.lr, cfg.momentum, self.weight_decay, ctx.step - 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.state)
+        cfg, t = ctx.config, ctx.step - 1
+        with torch.no_grad():
+            if self.mode == "wd":
+                for p in self._params:
+                    if p.grad is not None:
+                        p.grad.add_(p, alpha=self.weight_decay)
+                return
+            ratio = exp_lr_at(cfg.lr, cfg.momentum, self.weight_decay, t) / cfg.lr
+            growth = exp_lr_alpha(cfg.lr, cfg.momentum, self.weight_decay) ** -2
+            for p in self._params:
+                if p.grad is not None:
+                    p.grad.mul_(ratio)
+                buf = ctx.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and t >= 1:
+                    buf.mul_(growth)
