@@ -215,6 +215,11 @@ class FreezeController(Controller):
         self._switch(ctx, "redundant", f"ratio {stats['ratio']:.3g} <= {self.threshold:g} on "
                      f"{self.state.streak} consecutive decisions", evidence)
 
+    def switch_now(self, ctx: StepContext, reason: str = "switched by the caller") -> None:
+        """Switch at this step whatever the criterion says (``switch_reason`` ``"forced"``)."""
+        if not self.state.switched:
+            self._switch(ctx, "forced", reason, {})
+
     def _switch(self, ctx: StepContext, why: str, reason: str, evidence: dict[str, Any]) -> None:
         if self._kept is None:
             self._kept = kept_parameter_names(ctx.model, self.keep, self.last_layer)

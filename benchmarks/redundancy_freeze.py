@@ -1,0 +1,200 @@
+"""Redundancy freeze: wall time of the frozen phase against full training, and the final metric gap.
+
+Usage: python benchmarks/redundancy_freeze.py [--workloads mnist1d-cnn cifar10-resnet20] [--seeds 0 1 2]
+           [--threshold 0.05] [--window 50] [--patience 3] [--last-layer] [--threads 1] [--json] [--out PATH]
+
+Per workload and seed, in one process: a model trains with the workload's config (SGD + momentum,
+warmup-cosine, the Trainer's batches: ``BatchSampler`` and ``schedule_factor``) in a plain loop
+with a ``FreezeController`` (``trajscope.controllers.freeze``, default criterion: displacement-MDS
+ratio to the random-walk baseline <= ``--threshold`` on ``--patience`` consecutive decisions every
+10 steps, window ``--window``; kept set: the normalization scales and shifts, plus the last layer
+with ``--last-layer``). At the switch step K the run forks: a copy of the model and optimizer state,
+unfrozen, continues *full* training, while the original continues *frozen*; the two train steps
+K+1..T in lockstep on the same batches and rates, alternating which goes first at every step so
+that load from other processes hits both alike. Timed per step: forward, loss, backward,
+optimizer step, zero_grad (the controller's own watching cost before K is reported separately).
+If the criterion never fires, the fork is at ``--fallback`` x T and the row says so.
+
+Reported per workload (mean over seeds, and per seed): ``time_saving`` = 1 - t_frozen / t_full over
+steps K+1..T (a fraction), ``run_saving`` the same over the whole run (prefix included, the
+watcher's cost charged to the frozen run), ``metric_gap`` = 100 * (val accuracy full - frozen) at
+T (points; positive: freezing lost accuracy), the switch step and the kept/total parameter counts.
+Targets (issue 6): time_saving >= 0.25 and metric_gap <= 0.5.
+
+Workloads: ``mnist1d-cnn`` at its defaults (2,000 steps, batch 128); ``cifar10-resnet20`` on the
+SYNTHETIC CIFAR-format stand-in (``synthetic=true``: the real CIFAR-10 batches are not on this
+machine), shortened to ``--resnet-steps`` (default 240) at batch ``--resnet-batch`` (default 32) so
+that the benchmark runs in about 20 minutes on a loaded 2-core CPU. JSON also goes to
+benchmarks/results/redundancy_freeze.json (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from trajscope import workloads
+from trajscope.config import RunConfig
+from trajscope.controllers import LoopHooks
+from trajscope.controllers.freeze import FreezeController
+from trajscope.train import Trainer
+from trajscope.train.optim import make_optimizer, schedule_factor
+from trajscope.train.trainer import BatchSampler
+
+WORKLOADS = ("mnist1d-cnn", "cifar10-resnet20")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "redundancy_freeze.json"
+TIMED = ("per step: forward, loss, backward, optimizer.step, zero_grad; the frozen and full copies "
+         "train steps K+1..T in lockstep, alternating which goes first")
+
+
+def config_for(name: str, args) -> RunConfig:
+    if name == "cifar10-resnet20":
+        return RunConfig.for_workload(name, workload_options={"synthetic": True}, steps=args.resnet_steps,
+                                      batch_size=args.resnet_batch)
+    return RunConfig.for_workload(name)
+
+
+def train_step(model, opt, wl, x, y, lr: float) -> float:
+    """One timed step (seconds)."""
+    t0 = time.perf_counter()
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = wl.loss_fn(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def one_seed(name: str, seed: int, args, bar) -> dict:
+    cfg = config_for(name, args)
+    wl = workloads.get(name)
+    data = wl.make_data(seed, cfg.workload_options)
+    torch.manual_seed(seed)
+    model = wl.make_model(cfg.workload_options)
+    opt = make_optimizer(model, cfg)
+    sampler = BatchSampler(len(data.x_train), cfg.batch_size, seed)
+    ctl = FreezeController(window=args.window, threshold=args.threshold, patience=args.patience,
+                           last_layer=args.last_layer)
+    hooks = LoopHooks([ctl], model, opt)
+    t_watch = time.perf_counter()
+    hooks.start()
+    t_watch = time.perf_counter() - t_watch
+    t_prefix, K, fallback = 0.0, None, round(args.fallback * cfg.steps)
+    batch = lambda s: (data.x_train[sampler.indices(s)], data.y_train[sampler.indices(s)])  # noqa: E731
+    for step in range(1, cfg.steps + 1):
+        x, y = batch(step)
+        t_prefix += train_step(model, opt, wl, x, y, cfg.lr * schedule_factor(cfg, step))
+        t0 = time.perf_counter()
+        hooks.ctx.step, hooks.ctx.values = step, {}
+        ctl.on_step_end(hooks.ctx)  # the watcher's cost, charged to the frozen run
+        t_watch += time.perf_counter() - t0
+        bar.update(1)
+        if ctl.state.switched or step == fallback:
+            K = step
+            break
+    switched_by = ctl.state.switch_reason if ctl.state.switched else "fallback"
+    # fork: the full copy is the same state, unfrozen, with the same optimizer state
+    full = copy.deepcopy(model)
+    for p in full.parameters():
+        p.requires_grad_(True)
+    full_opt = make_optimizer(full, cfg)
+    full_opt.load_state_dict(opt.state_dict())
+    if not ctl.state.switched:
+        ctl.switch_now(hooks.ctx, "fallback: the criterion did not fire")
+    t_frozen = t_full = 0.0
+    for step in range(K + 1, cfg.steps + 1):
+        x, y = batch(step)
+        lr = cfg.lr * schedule_factor(cfg, step)
+        order = ((model, opt, "frozen"), (full, full_opt, "full"))
+        for m, o, which in (order if step % 2 else order[::-1]):
+            dt = train_step(m, o, wl, x, y, lr)
+            if which == "frozen":
+                t_frozen += dt
+            else:
+                t_full += dt
+        bar.update(1)
+    ev = Trainer(cfg, progress=False)
+    acc_frozen = ev.evaluate(model, data)["val_metric"]
+    acc_full = ev.evaluate(full, data)["val_metric"]
+    s = ctl.state
+    return {"seed": seed, "switch_step": K, "switched_by": switched_by, "steps": cfg.steps,
+            "kept_params": s.kept_params, "total_params": s.total_params,
+            "t_prefix_s": t_prefix, "t_watch_s": t_watch, "t_frozen_s": t_frozen, "t_full_s": t_full,
+            "time_saving": 1.0 - t_frozen / t_full if t_full > 0 else 0.0,
+            "run_saving": 1.0 - (t_prefix + t_watch + t_frozen) / (t_prefix + t_full),
+            "val_metric_full": acc_full, "val_metric_frozen": acc_frozen,
+            "metric_gap": 100.0 * (acc_full - acc_frozen)}
+
+
+def summarize(name: str, rows: list[dict], args) -> dict:
+    mean = lambda k: statistics.fmean(r[k] for r in rows)  # noqa: E731
+    out = {"workload": name, "seeds": [r["seed"] for r in rows], "steps": rows[0]["steps"],
+           "data": "synthetic CIFAR-format stand-in (synthetic=true)" if name == "cifar10-resnet20" else "generated",
+           "time_saving": mean("time_saving"), "run_saving": mean("run_saving"), "metric_gap": mean("metric_gap"),
+           "switch_steps": [r["switch_step"] for r in rows], "switched_by": [r["switched_by"] for r in rows],
+           "kept_params": rows[0]["kept_params"], "total_params": rows[0]["total_params"], "per_seed": rows}
+    out["meets_target"] = bool(out["time_saving"] >= 0.25 and out["metric_gap"] <= 0.5)
+    return out
+
+
+def print_table(result: dict, file=sys.stdout) -> None:
+    print(f"redundancy freeze (kept: {result['kept']}; {result['timed']})", file=file)
+    head = f"{'workload':<18}{'steps':>6}{'switch':>18}{'kept/total':>16}{'time_saving':>13}{'run_saving':>12}{'gap (pts)':>11}"
+    print(head, file=file)
+    for w in result["workloads"]:
+        sw = ",".join(str(s) for s in w["switch_steps"])
+        print(f"{w['workload']:<18}{w['steps']:>6}{sw:>18}{w['kept_params']:>7}/{w['total_params']:<8}"
+              f"{w['time_saving']:>13.3f}{w['run_saving']:>12.3f}{w['metric_gap']:>11.2f}", file=file)
+        for r in w["per_seed"]:
+            print(f"  seed {r['seed']}: switch {r['switch_step']} ({r['switched_by']}), frozen {r['t_frozen_s']:.1f}s vs "
+                  f"full {r['t_full_s']:.1f}s, acc full {r['val_metric_full']:.4f} frozen {r['val_metric_frozen']:.4f}",
+                  file=file)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threshold", type=float, default=0.05)
+    ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--last-layer", action="store_true", help="keep the last layer trainable too")
+    ap.add_argument("--fallback", type=float, default=0.5, help="fork here (fraction of T) if the criterion never fires")
+    ap.add_argument("--resnet-steps", type=int, default=240)
+    ap.add_argument("--resnet-batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    total = sum(config_for(n, args).steps for n in args.workloads) * len(args.seeds)
+    rows = {}
+    with tqdm(total=total, desc="redundancy freeze", unit="step", leave=False) as bar:
+        for name in args.workloads:
+            rows[name] = [one_seed(name, seed, args, bar) for seed in args.seeds]
+    result = {"benchmark": "redundancy_freeze", "timed": TIMED, "threads": args.threads,
+              "kept": "normalization scales and shifts" + (" + last layer" if args.last_layer else ""),
+              "criterion": {"threshold": args.threshold, "window": args.window, "patience": args.patience,
+                            "every": 10},
+              "workloads": [summarize(n, r, args) for n, r in rows.items()]}
+    result["time_saving"] = {w["workload"]: w["time_saving"] for w in result["workloads"]}
+    result["metric_gap"] = {w["workload"]: w["metric_gap"] for w in result["workloads"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
