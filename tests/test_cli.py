@@ -53,7 +53,8 @@ def test_run_json_ls_show_export(root, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["run", "imagenet"], "unknown workload 'imagenet'; valid choices: cifar10-resnet20"),
-    (["run", "digits-mlp", "--optimizer", "lion"], "unknown optimizer 'lion'; valid choices: adam, adamw, muon, sgd"),
+    (["run", "digits-mlp", "--optimizer", "lion"],
+     "unknown optimizer 'lion'; valid choices: adam, adamw, muon, prodigy, schedulefree, sgd"),
     (["run", "digits-mlp", "--frobnicate", "3"], "no such option: --frobnicate; valid options: --batch-size"),
     (["run", "digits-mlp", "--record", "everything"], "unknown record preset 'everything'"),
     (["run", "digits-mlp", "--lr", "fast"], "--lr"),

@@ -122,7 +122,7 @@ def test_lr_schedule_is_what_the_run_records(root):
 
 
 def test_config_errors_are_one_line_usage_errors():
-    with pytest.raises(UsageError, match="unknown optimizer 'lion'.*adam, adamw, muon, sgd"):
+    with pytest.raises(UsageError, match="unknown optimizer 'lion'.*adam, adamw, muon, prodigy, schedulefree, sgd"):
         RunConfig.for_workload("digits-mlp", optimizer="lion")
     with pytest.raises(UsageError, match="unknown workload 'imagenet'"):
         RunConfig.for_workload("imagenet")
