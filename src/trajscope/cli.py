@@ -176,15 +176,28 @@ def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pref
 
 @app.command()
 def export(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique prefix or name."),
-           fmt: str = typer.Option("parquet", "--format", help="parquet, csv or tensorboard."),
+           fmt: str = typer.Option("parquet", "--format", help="parquet, csv, tensorboard or mlflow."),
            out: Optional[str] = typer.Option(None, "--out", help="Output file or fsspec URL (default RUN_ID.FORMAT); "
-                                                                  "a directory for tensorboard."),
+                                                                  "a directory for tensorboard; for mlflow a "
+                                                                  "tracking store: a directory or sqlite:///FILE.db "
+                                                                  "(default sqlite:///mlflow.db)."),
            root: Optional[Path] = RootOpt, as_json: bool = JsonOpt) -> None:
     """Export a run's scalars (long format: step, name, value), or TensorBoard event files."""
     from trajscope.store import open_run
 
-    if fmt not in ("parquet", "csv", "tensorboard"):
-        raise unknown_choice("export format", fmt, ("parquet", "csv", "tensorboard"))
+    if fmt not in ("parquet", "csv", "tensorboard", "mlflow"):
+        raise unknown_choice("export format", fmt, ("parquet", "csv", "tensorboard", "mlflow"))
+    if fmt == "mlflow":
+        from trajscope.integrations.mlflow import export_mlflow
+
+        info = export_mlflow(ref, root=root, out=out or "sqlite:///mlflow.db")
+        if as_json:
+            _echo_json({"format": fmt, "out": info["uri"], **info})
+        else:
+            typer.echo(f"wrote {info['params']} params and {info['metrics']} metric points of run {info['run_id']} "
+                       f"to MLflow run {info['mlflow_run_id']} at {info['uri']} (mlflow ui --backend-store-uri "
+                       f"{info['uri']})")
+        return
     if fmt == "tensorboard":
         from trajscope.report import export_tensorboard
 
