@@ -203,6 +203,29 @@ class Sketcher:
                 work.scatter_add_(0, i, flats[j].to(self.dtype))
         return self._finish(work, out, add=False)
 
+    def layout_index(self, layout: Iterable[tuple[str, int, int]], device=None) -> Tensor:
+        """int64 (N,) index ``bucket + k * (sign < 0)`` of a flat buffer that holds, one after
+        another, the slices ``(name, offset, numel)`` of ``layout``: elements ``offset ..
+        offset+numel-1`` of the flattened tensor ``name`` (offset 0 and the full numel for a whole
+        tensor; a shard's global offset for a shard).  8 bytes per element; built once, then every
+        :meth:`sketch_folded` call is a single ``scatter_add_``."""
+        layout = [(str(n), int(o), int(m)) for n, o, m in layout]
+        out = torch.empty(sum(m for _, _, m in layout), dtype=torch.int64, device=device)
+        a = 0
+        for name, offset, numel in layout:
+            _folded(self._name_key(name), offset, numel, self.k, out=out[a:a + numel])
+            a += numel
+        return out
+
+    @torch.no_grad()
+    def sketch_folded(self, flat: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
+        """Sketch (k,) of a flat buffer ``flat`` (N,) laid out as the :meth:`layout_index` ``index``
+        (N,) says; equal to :meth:`sketch` / :meth:`sketch_shard` of the same slices (the same
+        operator, one scatter).  ``out`` (k,) is overwritten and returned."""
+        work = torch.zeros(2 * self.k, dtype=self.dtype, device=flat.device)
+        work.scatter_add_(0, index, flat.to(self.dtype))
+        return self._finish(work, out, add=False)
+
     @torch.no_grad()
     def sketch_shard(self, name: str, shard: Tensor, offset: int, out: Tensor | None = None) -> Tensor:
         """Sketch (k,) of a contiguous slice ``shard`` (any shape; flattened row-major) of the flattened

@@ -12,6 +12,9 @@ Scalars per step (names as stored): ``loss``; ``lr`` (param group 0) and ``lr/<i
 i >= 1; ``grad_norm`` (L2 norm over all parameters' ``.grad``, as present when ``step`` is called);
 ``update_norm`` (L2 norm of theta_t - theta_{t-1} over all parameters); ``param_norm`` (L2 norm
 of theta_t over all parameters). Norms are over every parameter of the model, in float32.
+
+Under torch.distributed (see ``record/distributed.py``) every rank builds the Recorder and calls
+``step``; rank 0 passes the run and the others ``run=None``. The loss is averaged over ranks.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import torch
 from torch import nn
 
 from trajscope import schedules as S
-from trajscope.errors import DivergedError
+from trajscope.errors import DivergedError, UsageError
 from trajscope.record import checkpoint as ckpt
+from trajscope.record import distributed as D
+from trajscope.record.state import FlatState, TensorState
 from trajscope.store import Run
+from trajscope.store.tensors import safetensors_header
 
 ParamFilter = Callable[[str], bool]
 
@@ -41,29 +47,13 @@ def name_filter(params: str | Iterable[str] | ParamFilter | None) -> ParamFilter
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _group_norms(groups: list[list[torch.Tensor]]) -> list[float]:
-    """The L2 norm of each list of tensors (as one concatenated vector), in float32.
-
-    One fused ``_foreach_norm`` over all tensors and one host sync for all groups: on small models
-    the per-call overhead, not the arithmetic, is the cost.
-    """
-    flat = [t for g in groups for t in g]
-    if not flat:
-        return [0.0] * len(groups)
-    per_tensor = torch.stack(torch._foreach_norm(flat)).float()
-    out, i = [], 0
-    for g in groups:
-        out.append(torch.linalg.vector_norm(per_tensor[i:i + len(g)]))
-        i += len(g)
-    return torch.stack(out).tolist()
-
-
 class Recorder:
     """Records a model's training into a :class:`Run`, each kind of data on its own schedule.
 
     Args:
-        model: the module whose parameters are recorded (names from ``named_parameters``).
-        run: a writable :class:`Run` (from ``Run.create``).
+        model: the module whose parameters are recorded (names from ``named_parameters``; a
+            ``DistributedDataParallel`` wrapper is looked through, so names match the plain model).
+        run: a writable :class:`Run` (from ``Run.create``); ``None`` on ranks other than 0.
         scalars: schedule of the per-step scalars (default every step).
         snapshots: schedule of parameter snapshots (default: every step to 100, then 20 per decade).
         params: which parameters snapshots (and gradient snapshots) hold; see :func:`name_filter`.
@@ -76,13 +66,18 @@ class Recorder:
             checkpoints and status changes always commit at once.
         start_step: the step of the model's current state (0 for a new run; the checkpoint step on
             resume). The state at ``start_step`` is recorded at construction if ``record_start``.
+        flat_max: up to this many (local) parameter elements, the per-step state is kept in flat
+            float32 buffers (24 bytes per element, fastest on small models); above it, per tensor
+            (one copy of the parameters).
+        process_group: the torch.distributed group the model trains in (default: the default group).
     """
 
-    def __init__(self, model: nn.Module, run: Run, *, scalars=S.every(1), snapshots=S.dense_early(),
+    def __init__(self, model: nn.Module, run: Run | None, *, scalars=S.every(1), snapshots=S.dense_early(),
                  params=None, grads=None, optimizer_state=None, buffers=None, checkpoints=None,
                  sketch=S.every(1), sketch_dim: int = 1024, sketch_seed: int = 0,
-                 commit_every_s: float = 1.0, start_step: int = 0, record_start: bool = True):
-        self.model = model
+                 commit_every_s: float = 1.0, start_step: int = 0, record_start: bool = True,
+                 flat_max: int = 1 << 22, process_group=None):
+        self.model = D.unwrap(model)
         self.run = run
         self.scalars = S.as_schedule(scalars)
         self.snapshots = S.as_schedule(snapshots)
@@ -93,20 +88,59 @@ class Recorder:
         self.sketch_schedule = S.as_schedule(sketch) if sketch_dim > 0 else S.never()
         self.commit_every_s = commit_every_s
         self._keep = name_filter(params)
-        self._named = [(n, p) for n, p in model.named_parameters()]
+        self._named = [(n, p) for n, p in self.model.named_parameters()]
         self._params = [p for _, p in self._named]
+        self.layout = D.detect(self._params, process_group)
+        self._check_run_and_layout(run, optimizer_state, checkpoints)
         self._sketcher = None
         if sketch_dim > 0:
             from trajscope.functional.sketch import Sketcher
 
             self._sketcher = Sketcher(k=sketch_dim, seed=sketch_seed)
-        self._detached = [p.detach() for p in self._params]  # share storage: see in-place updates
-        self._prev = [p.clone() for p in self._detached]
+        self._state = None
+        self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
+        if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
+            self._state = self._make_state(flat_max)
         self._step = start_step
         self.closed = False
         if record_start:
             self._record(start_step, loss=None, optimizer=None, extra={}, first=True)
-            run.commit()
+            if self.run is not None:
+                self.run.commit()
+
+    def _check_run_and_layout(self, run, optimizer_state, checkpoints) -> None:
+        where = f"rank {self.layout.rank} of {self.layout.world}"
+        if self.layout.writer and run is None:
+            raise UsageError(f"Recorder on {where} needs a run (Run.create(...)); other ranks pass run=None")
+        if not self.layout.writer and run is not None:
+            raise UsageError(f"Recorder on {where}: only rank 0 writes; pass run=None on this rank")
+        if self.layout.mode == "sharded" and (optimizer_state is not None or checkpoints is not None):
+            raise UsageError("optimizer-state snapshots and full checkpoints of an FSDP2 model are not "
+                             "recorded; save them with torch.distributed.checkpoint")
+
+    def _local(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """This rank's parts of the parameters and of their gradients (the tensors themselves
+        outside FSDP2; fetched anew each step so a replaced ``.data`` is seen)."""
+        if self.layout.mode != "sharded":
+            return self._params, [p.grad for p in self._params]
+        ts = [D.local_slice(n, p, self.layout)[0] for n, p in self._named]
+        gs = [D.local_slice(n, p.grad, self.layout)[0] for n, p in self._named]
+        return ts, gs
+
+    def _make_state(self, flat_max: int):
+        parts = [D.local_slice(n, p, self.layout) for n, p in self._named]
+        layout = [(n, off, t.numel()) for (n, _), (t, off) in zip(self._named, parts)]
+        devices = {t.device for t, _ in parts}
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        if (len(devices) <= 1 and sum(m for _, _, m in layout) <= flat_max
+                and all(p.is_floating_point() for p in self._params)):
+            state = FlatState([t.shape for t, _ in parts], device, layout, self._sketcher)
+            whole = [(n, p.dtype, tuple(p.shape)) for n, p in self._named if self._keep(n)]
+            if self.layout.mode != "sharded" and len(whole) == len(self._named) \
+                    and all(p.dtype == torch.float32 for p in self._params):
+                self._snap_head = safetensors_header(whole)  # row 0 of the buffer is the file's data
+            return state
+        return TensorState([t for t, _ in parts], layout, self._sketcher, device)
 
     @property
     def current_step(self) -> int:
@@ -120,24 +154,29 @@ class Recorder:
 
         ``extra`` scalars (e.g. ``accuracy=0.9``) are stored under their keyword names. A NaN or
         infinite loss or parameter norm marks the run ``diverged`` at this step, closes it and
-        raises :class:`DivergedError`.
+        raises :class:`DivergedError` (on every rank: the decision is taken after the reduction).
         """
         if self.closed:
             raise RuntimeError("Recorder.step called after close")
         self._step += 1
         loss_value = None if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
-        if loss_value is not None and not math.isfinite(loss_value):
+        if loss_value is not None and self.layout.mode == "single" and not math.isfinite(loss_value):
             self._diverge(self._step, f"loss is {loss_value}", {"loss": loss_value})
         self._record(self._step, loss_value, optimizer, extra, checkpoint_extra=checkpoint_extra)
-        self.run.maybe_commit(self.commit_every_s)
+        if self.run is not None:
+            self.run.maybe_commit(self.commit_every_s)
         return self._step
 
     def log(self, step: int | None = None, **values: float) -> None:
         """Record extra scalars (e.g. validation metrics) at ``step`` (default: the current step)."""
+        if self.run is None:
+            return
         self.run.log_scalars(self._step if step is None else step, values)
         self.run.maybe_commit(self.commit_every_s)
 
     def save_checkpoint(self, optimizer=None, extra: dict[str, Any] | None = None, step: int | None = None) -> None:
+        if self.run is None:
+            return
         step = self._step if step is None else step
         self.run.save_state(step, ckpt.capture(self.model, optimizer, extra), kind="checkpoint")
 
@@ -146,7 +185,7 @@ class Recorder:
         if self.closed:
             return
         self.closed = True
-        if self.run.writable:
+        if self.run is not None and self.run.writable:
             self.run.close(status if self.run.status == "running" else None, step=self._step)
 
     def __enter__(self) -> "Recorder":
@@ -157,50 +196,87 @@ class Recorder:
 
     # ------------------------------------------------------------------ internals
     def _diverge(self, step: int, reason: str, values: dict[str, float]) -> None:
-        self.run.log_scalars(step, {k: v for k, v in values.items()})
-        self.run.close("diverged", step=step, reason=reason)
+        if self.run is not None:
+            self.run.log_scalars(step, {k: v for k, v in values.items()})
+            self.run.close("diverged", step=step, reason=reason)
         self.closed = True
-        raise DivergedError(f"run {self.run.id} diverged at step {step}: {reason}", step)
+        run_id = self.run.id if self.run is not None else f"(rank {self.layout.rank})"
+        raise DivergedError(f"run {run_id} diverged at step {step}: {reason}", step)
+
+    def _measure(self, loss: float | None, first: bool, want_sketch: bool):
+        """(loss averaged over ranks, [|theta|, |g|, |dtheta|] or None, gradients seen, sketch or None)."""
+        mode, state = self.layout.mode, self._state
+        ts, gs = self._local() if state is not None else ([], [])
+        sq = state.update(ts, gs, first) if state is not None else None
+        sk = state.sketch(ts) if state is not None and want_sketch else None
+        has_grad = sum(g is not None for g in gs)
+        if mode == "single":
+            return loss, [math.sqrt(v) for v in sq.tolist()], has_grad > 0, sk
+        # One all_reduce per step: [loss, count of gradients, squared norms, sketch] summed over
+        # ranks; in DDP only rank 0 measures (the others add zeros), its non-finite norm a flag.
+        device = sq.device if sq is not None else torch.device("cpu")
+        head = torch.tensor([loss if loss is not None else 0.0, float(has_grad)], device=device)
+        parts = [head, sq if sq is not None else torch.zeros(3, device=device)]
+        if want_sketch:
+            parts.append(sk if sk is not None else torch.zeros(self._sketcher.k, device=device))
+        vec = self.layout.all_reduce_(torch.cat(parts))
+        host = vec[:5].tolist()
+        norms = [math.sqrt(v) if v >= 0 else math.nan for v in host[2:5]]
+        loss = None if loss is None else host[0] / self.layout.world
+        return loss, norms, host[1] > 0, (vec[5:] if want_sketch else None)
 
     def _record(self, step: int, loss: float | None, optimizer, extra: dict, first: bool = False,
                 checkpoint_extra: dict | None = None) -> None:
-        run = self.run
+        run, want_sketch = self.run, self._sketcher is not None and self.sketch_schedule(step)
         with torch.no_grad():
-            if self.scalars(step):
+            loss, norms, has_grad, sk = self._measure(loss, first, want_sketch)
+            if loss is not None and not math.isfinite(loss):
+                self._diverge(step, f"loss is {loss}", {"loss": loss})
+            if not math.isfinite(norms[0]):
+                self._diverge(step, "parameters are not finite", {"param_norm": norms[0]})
+            if self.scalars(step) and run is not None:
                 values: dict[str, float] = {}
                 if loss is not None:
                     values["loss"] = loss
                 if optimizer is not None:
                     for i, group in enumerate(optimizer.param_groups):
                         values["lr" if i == 0 else f"lr/{i}"] = float(group["lr"])
-                grads = [p.grad for p in self._params if p.grad is not None]
-                if not first:  # theta_{t-1} - theta_t, in place (the buffer is refilled below)
-                    torch._foreach_sub_(self._prev, self._detached)
-                norms = _group_norms([self._detached, grads, [] if first else self._prev])
                 values["param_norm"] = norms[0]
-                if grads:
+                if has_grad:
                     values["grad_norm"] = norms[1]
                 if not first:
                     values["update_norm"] = norms[2]
                 values.update({k: float(v) for k, v in extra.items()})
-                if not math.isfinite(values["param_norm"]):
-                    self._diverge(step, "parameters are not finite", values)
                 run.log_scalars(step, values)
-            torch._foreach_copy_(self._prev, self._detached)
-            if self._sketcher is not None and self.sketch_schedule(step):
-                s = self._sketcher.sketch(self._named)
-                run.log_sketch(step, s, k=self._sketcher.k, seed=self._sketcher.seed)
-            if self.snapshots(step):
-                run.save_snapshot(step, {n: p for n, p in self._named if self._keep(n)}, kind="params",
-                                  background=True)
-            if self.grads(step) and any(p.grad is not None for p in self._params):
-                run.save_snapshot(step, {n: p.grad for n, p in self._named if self._keep(n) and p.grad is not None},
-                                  kind="grads", background=True)
-            if self.buffers(step):
-                bufs = dict(self.model.named_buffers())
-                if bufs:
-                    run.save_snapshot(step, bufs, kind="buffers", background=True)
-            if optimizer is not None and self.optimizer_state(step):
-                run.save_state(step, optimizer.state_dict(), kind="optim")
-            if self.checkpoints(step) and (optimizer is not None or first):
-                self.save_checkpoint(optimizer, checkpoint_extra, step=step)
+            if sk is not None and run is not None:
+                run.log_sketch(step, sk, k=self._sketcher.k, seed=self._sketcher.seed)
+            self._snapshots(step, optimizer, first, checkpoint_extra)
+
+    def _snapshots(self, step: int, optimizer, first: bool, checkpoint_extra: dict | None) -> None:
+        run, sharded = self.run, self.layout.mode == "sharded"
+        if run is None and not sharded:
+            return
+        if self.snapshots(step):
+            if self._snap_head is not None:  # the flat buffer's bytes are the file's data
+                run.write_snapshot(step, self._snap_head + self._state.theta.cpu().numpy().tobytes(), "params")
+            else:
+                self._save(step, "params", {n: p for n, p in self._named if self._keep(n)})
+        if self.grads(step) and any(p.grad is not None for p in self._params):
+            self._save(step, "grads", {n: p.grad for n, p in self._named if self._keep(n) and p.grad is not None})
+        if self.buffers(step) and run is not None:
+            bufs = dict(self.model.named_buffers())
+            if bufs:
+                run.save_snapshot(step, bufs, kind="buffers", background=True)
+        if run is None:
+            return
+        if optimizer is not None and self.optimizer_state(step):
+            run.save_state(step, optimizer.state_dict(), kind="optim")
+        if self.checkpoints(step) and (optimizer is not None or first):
+            self.save_checkpoint(optimizer, checkpoint_extra, step=step)
+
+    def _save(self, step: int, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Gather full tensors (a collective under FSDP2, on every rank) and write them on rank 0."""
+        if self.layout.mode == "sharded":
+            tensors = {n: D.full(t) for n, t in tensors.items()}
+        if self.run is not None:
+            self.run.save_snapshot(step, tensors, kind=kind, background=True)

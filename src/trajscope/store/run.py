@@ -26,7 +26,7 @@ import torch
 
 from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
 from trajscope.store import paths
-from trajscope.store.db import SCHEMA_VERSION, connect
+from trajscope.store.db import SCHEMA_VERSION, connect, durable
 from trajscope.store.tensors import encode_tensors, load_state, load_tensors, save_state, save_tensors, write_atomic
 
 STATUSES = ("running", "finished", "crashed", "diverged", "stopped")  # stopped: a callback asked, resumable
@@ -105,6 +105,8 @@ class _Lock:
 class Run:
     """A run directory. Use :meth:`create` (to write) or :meth:`open` (to read)."""
 
+    background_min_bytes = 1 << 20  # snapshots at least this big are written on a background thread
+
     def __init__(self, path: Path, con: sqlite3.Connection, lock: _Lock | None):
         self.path = Path(path)
         self._con = con
@@ -117,6 +119,7 @@ class Run:
         # the recorder's cost on small models; readers of this object flush them first.
         self._scalar_rows: list[tuple[int, str, float]] = []
         self._sketch_rows: list[tuple[int, bytes]] = []
+        self._snapshot_rows: list[tuple[int, str, str, int]] = []  # files already whole on disk
 
     # ---------------------------------------------------------------- creating and opening
     @classmethod
@@ -166,6 +169,7 @@ class Run:
                           **({"name": name} if name is not None else {}))
             run.log_event(None, "reopened", f"run {run_id} reopened for writing")
         run.commit()
+        durable(con)
         return run
 
     @classmethod
@@ -307,10 +311,25 @@ class Run:
         listed before it is whole; a process killed in between leaves it unlisted).
         """
         self._require_writable()
-        rel = paths.snapshot_relpath(kind, int(step))
         data = encode_tensors(tensors) if background else None
         if data is None:
+            rel = paths.snapshot_relpath(kind, int(step))
             self._index(step, kind, rel, save_tensors(self.path / rel, tensors))
+            return self.path / rel
+        return self.write_snapshot(step, data, kind)
+
+    def write_snapshot(self, step: int, data: bytes, kind: str = "params") -> Path:
+        """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``)
+        as the ``kind`` snapshot of ``step``, on the background thread, indexed as
+        :meth:`save_snapshot` with ``background=True`` says. Files under
+        :attr:`background_min_bytes` are written at once on the calling thread instead (indexed at
+        the next commit all the same)."""
+        self._require_writable()
+        rel = paths.snapshot_relpath(kind, int(step))
+        if len(data) < self.background_min_bytes:
+            # A small file costs its syscalls (~0.3 ms), less than waking a thread that then
+            # competes for the GIL; the row waits for the next commit like the scalars.
+            self._snapshot_rows.append((int(step), kind, rel, write_atomic(self.path / rel, data)))
             return self.path / rel
         if self._writer is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -358,6 +377,10 @@ class Run:
         if self._sketch_rows:
             self._con.executemany("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", self._sketch_rows)
             self._sketch_rows = []
+        if self._snapshot_rows:
+            self._con.executemany("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes) VALUES (?, ?, ?, ?)",
+                                  self._snapshot_rows)
+            self._snapshot_rows = []
 
     def commit(self) -> None:
         self._flush()
@@ -421,10 +444,12 @@ class Run:
         return steps, torch.from_numpy(data.copy())
 
     def snapshot_steps(self, kind: str = "params") -> list[int]:
+        self._flush()
         return [r[0] for r in self._con.execute(
             "SELECT step FROM snapshots WHERE kind = ? ORDER BY step", (kind,))]
 
     def snapshot_kinds(self) -> list[str]:
+        self._flush()
         return [r[0] for r in self._con.execute("SELECT DISTINCT kind FROM snapshots ORDER BY kind")]
 
     def snapshot_path(self, step: int, kind: str = "params") -> Path:
@@ -433,6 +458,7 @@ class Run:
 
     def _snapshot_file(self, step: int, kind: str) -> Path:
         step = int(step)
+        self._flush()
         row = self._con.execute("SELECT path FROM snapshots WHERE step = ? AND kind = ?", (step, kind)).fetchone()
         if row is None:
             raise KeyError(f"run {self.id} has no {kind} snapshot at step {step}")

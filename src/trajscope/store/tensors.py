@@ -8,6 +8,7 @@ Reading never executes code.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,39 +30,63 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL"}
 
 
+def safetensors_header(entries, metadata: Mapping[str, str] | None = None) -> bytes | None:
+    """The first bytes of a safetensors file whose tensors ``entries`` = ``[(name, dtype, shape)]``
+    follow one another in that order: an 8-byte little-endian header length and the JSON header
+    (each tensor's dtype, shape and byte range), padded so the data starts 8-byte aligned.  None if
+    a dtype is not one this encoder knows.  A file is this header plus the raw bytes of the tensors,
+    so a caller that holds them in one flat buffer builds the header once and reuses it."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape in entries:
+        if dtype not in _DTYPES:
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    return len(head).to_bytes(8, "little") + head
+
+
 def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes | None:
     """The bytes of a safetensors file holding ``tensors`` (a copy: later changes to the tensors do
     not reach it), or None if a dtype is not one this encoder knows.
 
-    The safetensors layout: an 8-byte little-endian header length, a JSON header with each tensor's
-    dtype, shape and byte range, then the raw bytes. Encoding here costs a fraction of
+    The layout is :func:`safetensors_header` then the raw bytes. Encoding here costs a fraction of
     ``safetensors.torch.save_file`` for the many small tensors of a snapshot; the tests read every
     file back with safetensors' own loader.
     """
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    buffers, offset = [], 0
-    for name, t in tensors.items():
-        t = t.detach()
-        if t.dtype not in _DTYPES:
-            return None
-        raw = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # (nbytes,) uint8 view
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + raw.size]}
-        buffers.append(memoryview(raw))
-        offset += raw.size
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    return b"".join([len(head).to_bytes(8, "little"), head, *buffers])
+    ts = {name: t.detach() for name, t in tensors.items()}
+    head = safetensors_header([(n, t.dtype, tuple(t.shape)) for n, t in ts.items()], metadata)
+    if head is None:
+        return None
+    # (nbytes,) uint8 views of CPU copies; the join below copies them once more into the file bytes
+    buffers = [memoryview(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()) for t in ts.values()]
+    return b"".join([head, *buffers])
 
 
 def write_atomic(path: Path, data: bytes) -> int:
-    """Write ``data`` to a temporary name and rename it to ``path``; return its size."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
+    """Write ``data`` to a temporary name and rename it to ``path``; return its size.
+
+    Plain ``os`` calls (no file object, the folder made only when missing): on small models the
+    per-file cost, not the bytes, is what a snapshot costs.
+    """
+    tmp = str(temporary_path(Path(path)))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except FileNotFoundError:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o644)
+    try:
+        view, done = memoryview(data), 0
+        while done < len(view):  # os.write may write less than asked
+            done += os.write(fd, view[done:])
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
     return len(data)
 
