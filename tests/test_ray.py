@@ -60,3 +60,32 @@ def test_ray_sweep_into_one_store_reports_failures_and_skips_finished_runs(clust
     assert local["run_id"] == results[0]["run_id"]
     with Run.open(results[0]["path"]) as a, Run.open(local["path"]) as b:
         assert a.scalars().equals(b.scalars())
+
+
+def test_cli_sweep_reads_a_jsonl_file_and_runs_it_on_either_executor(cluster, tmp_path, capsys):
+    import json
+
+    from trajscope.cli import main
+    from trajscope.store import run_id_for
+
+    small = {"workload": "digits-mlp", "steps": 5, "eval_every": 5, "workload_options": {"width": 8},
+             "record": {"snapshots": "none", "sketch_dim": 0}}
+    lines = [small, {**small, "lr": 0.01}]
+    file = tmp_path / "sweep.jsonl"
+    file.write_text("# a comment\n" + "\n\n".join(json.dumps(x) for x in lines) + "\n")
+    root = str(tmp_path / "runs")
+    assert main(["sweep", str(file), "--root", root, "--json"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert local["failed"] == 0 and [r["status"] for r in local["runs"]] == ["finished", "finished"]
+    cfgs = [RunConfig.for_workload("digits-mlp", **{k: v for k, v in x.items() if k != "workload"}) for x in lines]
+    assert [r["run_id"] for r in local["runs"]] == [run_id_for(c.model_dump(mode="json"), c.seed) for c in cfgs]
+
+    file.write_text(file.read_text() + json.dumps({**small, "seed": 1}) + "\n")
+    assert main(["sweep", str(file), "--root", root, "--executor", "ray", "--jobs", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # stdout holds the JSON alone
+    assert [bool(r.get("cached")) for r in out["runs"]] == [True, True, False]
+    assert [r["status"] for r in out["runs"]] == ["finished"] * 3
+
+    file.write_text(json.dumps(small) + "\n" + '{"workload": "digits-mlp", "lr": -1}\n')
+    assert main(["sweep", str(file), "--root", root]) == 2
+    assert "line 2" in capsys.readouterr().err

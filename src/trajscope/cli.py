@@ -420,6 +420,35 @@ def tune(workload: str = typer.Argument(..., help="Workload name ('trajscope wor
     _exit_for((sel.run or {}).get("status", "finished"))
 
 
+@app.command()
+def sweep(file: Path = typer.Argument(..., metavar="FILE.jsonl", help="One run config per line (JSON): a 'workload' "
+                                      "and any run fields; the others take the workload's defaults."),
+          executor: str = typer.Option("local", "--executor", help="local or ray."),
+          jobs: int = typer.Option(1, "--jobs", min=1, help="Runs in parallel (worker processes, or Ray trials)."),
+          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray executor)."),
+          root: Optional[Path] = RootOpt, threads: Optional[int] = ThreadsOpt,
+          progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+          as_json: bool = JsonOpt) -> None:
+    """Train every config of a file into one store; finished runs are reused, failures reported (exit 1)."""
+    from trajscope.sweep import failed, read_configs, run_configs
+
+    configs = read_configs(file)
+    results = run_configs(configs, root=root, executor=executor, jobs=jobs, address=address,
+                          progress=progress and not as_json, threads=threads)
+    bad = failed(results)
+    if as_json:
+        _echo_json({"runs": results, "failed": len(bad)})
+    else:
+        for i, r in enumerate(results):
+            metric = (r.get("final") or {}).get("val_metric")
+            detail = r.get("error") or (f"val_metric {metric:.4g}" if metric is not None else "")
+            typer.echo(f"{i:>3}  {r.get('run_id', '-'):<14}{r['status']:<10}{r.get('steps', '-')!s:>7}  "
+                       f"{r.get('workload') or '-'}  {detail}" + ("  (cached)" if r.get("cached") else ""))
+        typer.echo(f"{len(results)} runs, {len(bad)} failed")
+    if bad:
+        raise typer.Exit(EXIT_CRASHED)
+
+
 def _usage_line(e: cx.UsageError) -> str:
     msg = e.format_message().splitlines()[0] if e.format_message() else str(e)
     if isinstance(e, cx.NoSuchOption) and e.ctx is not None:

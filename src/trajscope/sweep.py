@@ -129,6 +129,35 @@ def _done(i: int, result: dict[str, Any], bar, on_result) -> None:
         on_result(i, result)
 
 
+def read_configs(path: str | os.PathLike) -> list[RunConfig]:
+    """The configs of a JSON-lines file, one object per line: ``workload`` and any
+    :class:`RunConfig` fields (the rest take the workload's defaults; a full ``model_dump`` works
+    too). Blank lines and lines starting with ``#`` are skipped; a bad line is a one-line
+    UsageError naming its number."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"no such config file: {p}")
+    configs = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{p} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(values, dict) or "workload" not in values:
+            raise UsageError(f"{p} line {n}: expected a JSON object with a 'workload'")
+        try:
+            configs.append(RunConfig.for_workload(values.pop("workload"), **values))
+        except UsageError as e:
+            raise UsageError(f"{p} line {n}: {e}") from None
+    if not configs:
+        raise UsageError(f"{p} holds no configs")
+    return configs
+
+
 def failed(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The summaries of the runs that failed (not the diverged ones: divergence is a result)."""
     return [r for r in results if r.get("status") == "failed"]
