@@ -36,6 +36,7 @@ class Layout:
     rank: int = 0
     world: int = 1
     group: Any = None
+    device: torch.device = torch.device("cpu")  # where the backend takes tensors (cuda for nccl)
 
     @property
     def writer(self) -> bool:
@@ -76,13 +77,16 @@ def detect(params: list[Tensor], group=None) -> Layout:
     if not (dist.is_available() and dist.is_initialized()):
         return Layout()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    device = torch.device("cpu")
+    if "nccl" in str(dist.get_backend(group)).lower():
+        device = torch.device("cuda", torch.cuda.current_device())
     if sharded:
         for p in params:
             if is_dtensor(p) and p.device_mesh.ndim != 1:
                 raise UsageError(f"recording a {p.device_mesh.ndim}-D device mesh is not supported "
                                  "(FSDP2 over a 1-D mesh only)")
-        return Layout("sharded", rank, world, group)
-    return Layout("single") if world == 1 else Layout("replicated", rank, world, group)
+        return Layout("sharded", rank, world, group, device)
+    return Layout("single") if world == 1 else Layout("replicated", rank, world, group, device)
 
 
 def local_slice(name: str, t: Tensor | None, layout: Layout) -> tuple[Tensor | None, int]:

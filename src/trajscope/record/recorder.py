@@ -204,26 +204,32 @@ class Recorder:
         raise DivergedError(f"run {run_id} diverged at step {step}: {reason}", step)
 
     def _measure(self, loss: float | None, first: bool, want_sketch: bool):
-        """(loss averaged over ranks, [|theta|, |g|, |dtheta|] or None, gradients seen, sketch or None)."""
+        """(loss averaged over ranks, [|theta|, |g|, |dtheta|], whether any gradient was seen,
+        sketch (k,) or None). Outside a single process, one all_reduce per step (every rank)."""
         mode, state = self.layout.mode, self._state
-        ts, gs = self._local() if state is not None else ([], [])
+        ts, gs = self._local() if state is not None else (self._params, [p.grad for p in self._params])
         sq = state.update(ts, gs, first) if state is not None else None
         sk = state.sketch(ts) if state is not None and want_sketch else None
-        has_grad = sum(g is not None for g in gs)
+        has_grad = any(g is not None for g in gs)
         if mode == "single":
-            return loss, [math.sqrt(v) for v in sq.tolist()], has_grad > 0, sk
-        # One all_reduce per step: [loss, count of gradients, squared norms, sketch] summed over
-        # ranks; in DDP only rank 0 measures (the others add zeros), its non-finite norm a flag.
-        device = sq.device if sq is not None else torch.device("cpu")
-        head = torch.tensor([loss if loss is not None else 0.0, float(has_grad)], device=device)
-        parts = [head, sq if sq is not None else torch.zeros(3, device=device)]
-        if want_sketch:
-            parts.append(sk if sk is not None else torch.zeros(self._sketcher.k, device=device))
-        vec = self.layout.all_reduce_(torch.cat(parts))
-        host = vec[:5].tolist()
-        norms = [math.sqrt(v) if v >= 0 else math.nan for v in host[2:5]]
-        loss = None if loss is None else host[0] / self.layout.world
-        return loss, norms, host[1] > 0, (vec[5:] if want_sketch else None)
+            return loss, [math.sqrt(v) for v in sq.tolist()], has_grad, sk
+        if mode == "replicated":
+            # Rank 0 alone measures (the replicas are equal); the reduction averages the loss and
+            # carries rank 0's verdict on finite parameters, so that every rank stops together.
+            norms = [math.sqrt(v) for v in sq.tolist()] if sq is not None else [0.0, 0.0, 0.0]
+            vec = torch.tensor([0.0 if loss is None else loss, 0.0 if math.isfinite(norms[0]) else 1.0],
+                               device=self.layout.device)
+            host = self.layout.all_reduce_(vec).tolist()
+            if host[1] > 0:
+                norms[0] = math.nan
+            return (None if loss is None else host[0] / self.layout.world), norms, has_grad, sk
+        # sharded: [loss, squared norms, sketch] of the local shards, summed over ranks.
+        head = torch.tensor([0.0 if loss is None else loss], device=sq.device)
+        vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else [])))
+        host = vec[:4].tolist()
+        norms = [math.sqrt(v) if v >= 0 else math.nan for v in host[1:4]]
+        return (None if loss is None else host[0] / self.layout.world), norms, has_grad, \
+            (vec[4:] if sk is not None else None)
 
     def _record(self, step: int, loss: float | None, optimizer, extra: dict, first: bool = False,
                 checkpoint_extra: dict | None = None) -> None:
