@@ -274,3 +274,16 @@ class _StopAt:
 
     def state_dict(self):
         return {}
+
+
+def test_select_lr_on_a_plain_model():
+    model, loss_fn, x, y = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    cur = select_lr(model, "curvature", loss_fn=loss_fn, data=(x, y), optimizer="sgd", momentum=0.9, batch_size=8,
+                    steps=200, warmup=5, examples=24)
+    assert cur.run is None and cur.lr == pytest.approx(0.5 * 3.8 / cur.evidence["lambda"])
+    assert cur.choose.steps == 5 and cur.choose.hvp_examples == 24
+    rt = select_lr(model, "range-test", loss_fn=loss_fn, data=(x, y), optimizer="sgd", batch_size=8, range_steps=40)
+    assert rt.run is None and rt.choose.steps == rt.evidence["steps"] <= 40
+    assert rt.lr in rt.evidence["rates"]
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is unchanged
