@@ -37,12 +37,14 @@ def running_median(v: np.ndarray, k: int = 3) -> np.ndarray:
     return np.array([np.median(v[max(0, i - h):i + h + 1]) for i in range(len(v))])
 
 
-def flat_step(steps: np.ndarray, velocity: np.ndarray, factor: float = FLAT_FACTOR) -> tuple[int | None, float]:
-    """(t_flat, v_late) by the module's rule; t_flat is None with fewer than 4 measurements."""
+def flat_step(steps: np.ndarray, velocity: np.ndarray, factor: float = FLAT_FACTOR,
+              smooth: int = 3) -> tuple[int | None, float]:
+    """(t_flat, v_late) by the module's rule (``smooth``: the running median's window); t_flat is
+    None with fewer than 4 measurements."""
     if len(velocity) < 4:
         return None, math.nan
     v_late = float(np.median(velocity[len(velocity) // 2:]))
-    above = np.flatnonzero(running_median(velocity) > factor * v_late)
+    above = np.flatnonzero(running_median(velocity, smooth) > factor * v_late)
     k = 0 if not len(above) else above[-1] + 1
     return (int(steps[k]) if k < len(steps) else int(steps[-1])), v_late
 
@@ -73,7 +75,7 @@ class KernelMotionStudy(Study):
         result = StudyResult(self.name, self.title, ctx.quick, self._findings(m),
                              data={**m, "steps": steps.tolist(), "velocity": velocity.tolist(),
                                    "distance": distance.tolist(), "steps_per_epoch": STEPS_PER_EPOCH, **p},
-                             notes=self._notes(p))
+                             notes=self._notes(p) + self._sensitivity(steps, velocity, distance))
         result.figures = self._figures(ctx, steps, velocity, distance, t_flat, v_late)
         return result
 
@@ -108,6 +110,17 @@ class KernelMotionStudy(Study):
         out.append(Finding("most of the kernel's distance from init is covered in the transient",
                            "S(K_0, K_t_flat) / S(K_0, K_end) near 1 (>= 0.5)", fmt(frac), *v))
         return out
+
+    @staticmethod
+    def _sensitivity(steps, velocity, distance) -> list[str]:
+        """How much t_flat depends on the rule's constants (SGD noise makes the velocity jitter)."""
+        if len(velocity) < 4:
+            return []
+        alt = {(k, f): flat_step(steps, velocity, f, k)[0] for k in (3, 5) for f in (2.0, 3.0)}
+        return ["Sensitivity of t_flat (steps) to the rule: " + ", ".join(
+                    f"running median {k}, factor {f:g}: {t}" for (k, f), t in alt.items())
+                + f". Distance from the initial kernel at the first measurement (step {int(steps[0])}): "
+                  f"{fmt(float(distance[0]))}, at the end: {fmt(float(distance[-1]))}."]
 
     @staticmethod
     def _notes(p: dict) -> list[str]:
