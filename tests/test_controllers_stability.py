@@ -157,3 +157,13 @@ def test_cli_stability_and_its_bad_options(tmp_path):
     bad = subprocess.run(base + ["--controller", "stability:low=0.9,high=0.5"], capture_output=True, text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_reads_a_sharpness_probe_instead_of_measuring(root):
+    cfg = RunConfig.for_workload("digits-mlp", steps=8, eval_every=8, record=RecordConfig.preset("minimal"),
+                                 probes=(CallbackSpec(kind="sharpness", name="curv", every=2),),
+                                 controllers=(CallbackSpec(kind="stability", every=2, options={"probe": "curv"}),))
+    out = Trainer(cfg, root=root, progress=False).fit()
+    wide = Run.open(out["path"]).scalars(["curv/stability_ratio", "stability/ratio"], wide=True).dropna()
+    assert wide.index.tolist() == [2, 4, 6, 8]
+    assert (wide["curv/stability_ratio"] == wide["stability/ratio"]).all()

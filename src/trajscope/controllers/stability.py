@@ -27,7 +27,9 @@ equals what it wrote) and keeps using the previous base, so the multiplier never
 Every change is a decision in the run (evidence: ``lambda_max``, ``stability_threshold``,
 ``stability_ratio``, the lr, the band); ``<name>/ratio``, ``<name>/lambda_max``,
 ``<name>/multiplier`` (in effect at the measured step) and ``<name>/lr`` are written at each
-measurement. ``regime="<probe>"``: no change while the activation regime is chaotic (the refusal is
+measurement (none while any group's lr is 0, e.g. the last step of a cosine schedule: there is no
+threshold at lr 0). A measurement inside the band changes nothing and is not a decision; its
+scalars are still written. ``regime="<probe>"``: no change while the activation regime is chaotic (the refusal is
 written instead; :mod:`trajscope.controllers.regime`).
 """
 
