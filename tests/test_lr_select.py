@@ -122,7 +122,8 @@ def test_curvature_rule_against_the_full_hessian(optimizer):
     assert res["threshold_unit"] == pytest.approx(unit, rel=1e-12)
     assert res["lr"] == pytest.approx(CL.C_RATE * unit / lam, rel=1e-5)
     assert res["regimes"]["catapult"] == pytest.approx([unit / lam, 2 * unit / lam], rel=1e-5)
-    assert res["warmup_steps"] == 6 and loop.compute.steps == 6
+    assert res["warmup_steps"] == 6 and loop.compute.steps == 6 and res["regime"] == "stable"
+    assert [CL.regime_of(r) for r in (0.5, 1.0, 3.0, 7.0)] == ["stable", "catapult", "catapult-relu", "divergent"]
     assert model[0].weight.grad is None  # the caller's model is untouched (a copy was trained)
 
 

@@ -56,6 +56,11 @@ def regimes(lam: float, threshold_unit: float) -> dict[str, list[float]]:
     return {name: [lo * threshold_unit / lam, hi * threshold_unit / lam] for name, (lo, hi) in BOUNDARIES.items()}
 
 
+def regime_of(ratio: float) -> str:
+    """The regime (a key of ``BOUNDARIES``) that the stability ratio ``ratio`` falls in."""
+    return next(name for name, (lo, hi) in BOUNDARIES.items() if lo <= ratio < hi)
+
+
 def threshold_unit(optimizer: torch.optim.Optimizer) -> float:
     """T = stability_threshold(optimizer) * lr, the rate-free part of the threshold (lr > 0)."""
     try:
@@ -115,4 +120,4 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
     return {"lr": lr, "lambda": lam, "lambda_0": lam0, "warmup_steps": t, "warmup_lr": warmup_lr,
             "warmup_loss": losses[-1] if losses else None, "threshold_unit": t_unit, "c": c, "ratio": c,
             "preconditioned": is_adam(opt), "examples": n_ex, "hvps": n0 + n1, "regimes": regimes(lam, t_unit),
-            "regime": "stable" if c < 1 else "catapult", "compute": compute}
+            "regime": regime_of(c), "compute": compute}
