@@ -18,9 +18,11 @@ from trajscope import workloads  # noqa: E402
 from trajscope.integrations.lightning import TrajscopeCallback  # noqa: E402
 from trajscope.integrations.session import recorder_for  # noqa: E402
 from trajscope.config import RecordConfig  # noqa: E402
+from trajscope.events import Event, StepContext  # noqa: E402
+from trajscope.probes.noise import NoiseProbe  # noqa: E402
 from trajscope.store import Run  # noqa: E402
 
-SEED, MICRO, ACC, PER_EPOCH, STEPS, LR = 0, 16, 2, 6, 12, 0.05
+SEED, MICRO, ACC, PER_EPOCH, STEPS, LR, NOISE_EVERY = 0, 16, 2, 6, 12, 0.05, 4
 RECORD = RecordConfig(snapshots="every", snapshot_every=4, grads=True, sketch_dim=64)
 
 
@@ -80,6 +82,7 @@ def reference(tmp_path_factory, data):
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     run = Run.create(root, config={"plain": True}, seed=SEED)
     rec = recorder_for(model, run, RECORD)
+    probe = NoiseProbe(every=NOISE_EVERY, top_k=0)
     batches = _batches()
     for t in range(1, STEPS + 1):
         idx = batches[(t - 1) % PER_EPOCH]
@@ -88,13 +91,17 @@ def reference(tmp_path_factory, data):
         loss.backward()
         opt.step()
         rec.step(loss=loss, optimizer=opt)
+        ctx = StepContext({}, run, model, opt, wl, data, step=t, batch=(data.x_train[idx], data.y_train[idx]))
+        probe.on_event(Event.STEP_END, ctx)  # measured on the whole effective batch, at theta_t
     rec.close()
     return Run.open(run.path)
 
 
-def _assert_same_run(r: Run, ref: Run):
-    got, want = r.scalars(["loss", "lr", "grad_norm", "update_norm", "param_norm"], wide=True), \
-        ref.scalars(wide=True)
+def _assert_same_run(r: Run, ref: Run, probes: bool = False):
+    want = ref.scalars(wide=True)
+    if not probes:
+        want = want[[c for c in want.columns if not c.startswith("noise/")]]
+    got = r.scalars(list(want.columns), wide=True)
     assert got.index.tolist() == list(range(STEPS + 1))
     assert sorted(got.columns) == sorted(want.columns)
     for col in want.columns:
@@ -116,13 +123,16 @@ def _assert_same_run(r: Run, ref: Run):
 def test_lightning_with_accumulation_records_the_plain_loop_run(tmp_path, data, reference):
     train, val = _loaders(data)
     run = Run.create(tmp_path / "runs", config={"lightning": True}, seed=SEED)
-    cb = TrajscopeCallback(run, record=RECORD, module="model")
+    cb = TrajscopeCallback(run, probes=[f"noise:every={NOISE_EVERY},top_k=0"], record=RECORD, module="model",
+                           workload="digits-mlp")
     trainer = _trainer(tmp_path, cb, check_val_every_n_epoch=1)
     trainer.fit(DigitsModule(), train, val)
     assert trainer.global_step == STEPS
     r = Run.open(run.path)
     assert r.status == "finished"
-    _assert_same_run(r, reference)
+    noise = r.scalars(["noise/b_simple"], wide=True)["noise/b_simple"].dropna()
+    assert noise.index.tolist() == list(range(NOISE_EVERY, STEPS + 1, NOISE_EVERY))
+    _assert_same_run(r, reference, probes=True)  # the probe saw the whole effective batch
     # validation after each epoch (steps 6 and 12), stored at the step it followed
     val_loss = r.scalars(["val_loss"], wide=True)["val_loss"].dropna()
     assert val_loss.index.tolist() == [PER_EPOCH, 2 * PER_EPOCH]
@@ -189,7 +199,7 @@ def test_resume_from_a_lightning_checkpoint_continues_the_run(tmp_path, data, re
     counts = wide["count/steps"].dropna()
     assert counts.index.tolist() == counts.tolist() == list(range(1, STEPS + 1))
     ref = reference.scalars(wide=True)  # before the checkpoint: the first fit's records, untouched
-    for col in ref.columns:
+    for col in (c for c in ref.columns if not c.startswith("noise/")):
         torch.testing.assert_close(torch.tensor(wide[col].values[:PER_EPOCH + 1]),
                                    torch.tensor(ref[col].values[:PER_EPOCH + 1]), rtol=1e-5, atol=1e-6,
                                    equal_nan=True, msg=col)
