@@ -109,3 +109,61 @@ def test_snapshots_sketches_and_update_norms_agree(trained):
             g = r.load_snapshot(t, "grads")
             gn = math.sqrt(sum((v.double() ** 2).sum().item() for v in g.values()))
             assert wide.loc[t, "grad_norm"] == pytest.approx(gn, rel=1e-5)
+
+
+class StepCounter:
+    """A stateful probe-like callback: counts the optimizer steps it saw."""
+
+    name = "counter"
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_event(self, event, ctx):
+        if event.value == "step_end":
+            self.steps += 1
+            ctx.run.log_scalars(ctx.step, {"counter/steps": self.steps})
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_resume_from_a_trainer_checkpoint_rerecords_the_same_steps(tmp_path):
+    from trajscope.events import Callback
+
+    class Counter(StepCounter, Callback):
+        pass
+
+    def fit(cb, resume=None):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+            learning_rate=3e-3, save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True,
+            seed=0, logging_steps=100)
+        transformers.Trainer(model=_model(), args=args, train_dataset=Tokens(64, 1), callbacks=[cb]).train(
+            resume_from_checkpoint=resume)
+
+    first = TrajscopeCallback(tmp_path / "runs", probes=[Counter()], record="minimal")
+    fit(first)
+    path = first.session.run.path
+    before = Run.open(path).scalars(wide=True)
+    assert before.index.tolist() == list(range(STEPS + 1))
+
+    counter = Counter()
+    second = TrajscopeCallback(tmp_path / "runs", probes=[counter], record="minimal")
+    fit(second, resume=str(tmp_path / "out" / "checkpoint-3"))
+    assert second.session.run.path == path
+    assert counter.steps == STEPS  # 3 restored from the run, then 3 more
+    r = Run.open(path)
+    assert r.status == "finished" and r.events()["kind"].tolist().count("resumed") == 1
+    after = r.scalars(wide=True)
+    assert after.index.tolist() == list(range(STEPS + 1))
+    assert after["counter/steps"].tolist()[1:] == list(range(1, STEPS + 1))
+    # (update_norm of the first step after the resume needs the Recorder built with
+    # record_start=False to start from the restored parameters, as the Trainer's resume does too)
+    # the Trainer resumes exactly (same data order, RNG and optimizer state), so the re-recorded
+    # steps 4..6 equal the first recording
+    torch.testing.assert_close(torch.tensor(after.values), torch.tensor(before.values), rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
