@@ -166,6 +166,33 @@ def test_order_shards_and_layout_independence(cache):
     assert not torch.allclose(sk.sketch([("w", wt)]), sk.sketch([("w", w)]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flat_layout_index_and_csr_operator_equal_the_sketch(dtype):
+    """A flat buffer of slices (whole tensors and shards at global offsets, in any order), sketched
+    by one scatter (layout_index) or one CSR product (layout_matrix), against the dense matrix."""
+    gen = torch.Generator().manual_seed(13)
+    named = tiny_params(gen) + [("big", torch.randn(40, 50, generator=gen))]
+    sk = Sketcher(k=64, seed=5, dtype=dtype)
+    big = named[-1][1].reshape(-1)
+    # "big" as two shards at their global offsets, placed in reverse order, between whole tensors
+    layout = [(n, 0, t.numel()) for n, t in named[:2]] + [("big", 1500, 500), ("big", 0, 1500)] + \
+             [(n, 0, t.numel()) for n, t in named[2:4]]
+    pieces = {n: t.reshape(-1) for n, t in named}
+    flat = torch.cat([pieces[n][o:o + m] for n, o, m in layout]).to(dtype)
+    ref = dense_matrix(named, seed=5, k=64) @ torch.cat([t.reshape(-1).double() for _, t in named])
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    by_index = sk.sketch_folded(flat, sk.layout_index(layout))
+    by_matrix = torch.mv(sk.layout_matrix(layout), flat)
+    assert by_index.dtype == by_matrix.dtype == dtype and by_matrix.shape == (64,)
+    torch.testing.assert_close(by_index.double(), ref, **tol)
+    torch.testing.assert_close(by_matrix.double(), ref, **tol)
+    torch.testing.assert_close(by_matrix, sk.sketch(named), **tol)
+    # each shard alone: the shard's contribution, as sketch_shard says
+    sub = [("big", 0, 1500)]
+    torch.testing.assert_close(torch.mv(sk.layout_matrix(sub), big[:1500].to(dtype)),
+                               sk.sketch_shard("big", big[:1500], 0), **tol)
+
+
 def test_names_and_seeds_matter():
     x = torch.randn(5000, generator=torch.Generator().manual_seed(4))
     s0 = Sketcher(seed=0).sketch([("a", x)])

@@ -217,6 +217,25 @@ class Sketcher:
             a += numel
         return out
 
+    def layout_matrix(self, layout: Iterable[tuple[str, int, int]], device=None) -> Tensor:
+        """The operator of :meth:`layout_index` as a sparse CSR (k, N) matrix of signs, so that
+        ``torch.mv(S, flat)`` is the sketch of the flat buffer.  Rows are buckets, and within a row
+        the elements stay in ascending order, as ``scatter_add_`` sums them; one CSR product was
+        about 2x faster than the scatter on a 12k-element CPU model.  12 bytes per element."""
+        import warnings
+
+        idx = self.layout_index(layout, device)
+        neg = idx >= self.k
+        bucket = idx - neg * self.k
+        order = torch.argsort(bucket, stable=True)
+        crow = torch.zeros(self.k + 1, dtype=torch.int64, device=idx.device)
+        crow[1:] = torch.bincount(bucket, minlength=self.k).cumsum(0)
+        values = (1.0 - 2.0 * neg.to(self.dtype))[order]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, order, values, size=(self.k, idx.numel()),
+                                           check_invariants=False)
+
     @torch.no_grad()
     def sketch_folded(self, flat: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
         """Sketch (k,) of a flat buffer ``flat`` (N,) laid out as the :meth:`layout_index` ``index``

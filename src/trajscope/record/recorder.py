@@ -67,7 +67,7 @@ class Recorder:
         start_step: the step of the model's current state (0 for a new run; the checkpoint step on
             resume). The state at ``start_step`` is recorded at construction if ``record_start``.
         flat_max: up to this many (local) parameter elements, the per-step state is kept in flat
-            float32 buffers (24 bytes per element, fastest on small models); above it, per tensor
+            float32 buffers (36 bytes per element, fastest on small models); above it, per tensor
             (one copy of the parameters).
         process_group: the torch.distributed group the model trains in (default: the default group).
     """
@@ -264,7 +264,7 @@ class Recorder:
             return
         if self.snapshots(step):
             if self._snap_head is not None:  # the flat buffer's bytes are the file's data
-                run.write_snapshot(step, self._snap_head + self._state.theta.cpu().numpy().tobytes(), "params")
+                run.write_snapshot(step, [self._snap_head, self._state.theta.cpu().numpy()], "params")
             else:
                 self._save(step, "params", {n: p for n, p in self._named if self._keep(n)})
         if self.grads(step) and any(p.grad is not None for p in self._params):

@@ -318,15 +318,17 @@ class Run:
             return self.path / rel
         return self.write_snapshot(step, data, kind)
 
-    def write_snapshot(self, step: int, data: bytes, kind: str = "params") -> Path:
-        """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``)
-        as the ``kind`` snapshot of ``step``, on the background thread, indexed as
+    def write_snapshot(self, step: int, data, kind: str = "params") -> Path:
+        """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``;
+        or a list of bytes-like parts, e.g. a header and a tensor's buffer, which are read before
+        this returns) as the ``kind`` snapshot of ``step``, on the background thread, indexed as
         :meth:`save_snapshot` with ``background=True`` says. Files under
         :attr:`background_min_bytes` are written at once on the calling thread instead (indexed at
         the next commit all the same)."""
         self._require_writable()
         rel = paths.snapshot_relpath(kind, int(step))
-        if len(data) < self.background_min_bytes:
+        parts = data if isinstance(data, (list, tuple)) else [data]
+        if sum(memoryview(p).nbytes for p in parts) < self.background_min_bytes:
             # A small file costs its syscalls (~0.3 ms), less than waking a thread that then
             # competes for the GIL; the row waits for the next commit like the scalars.
             self._snapshot_rows.append((int(step), kind, rel, write_atomic(self.path / rel, data)))
@@ -335,6 +337,7 @@ class Run:
             from concurrent.futures import ThreadPoolExecutor
 
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajscope-writer")
+        data = data if isinstance(data, bytes) else b"".join(parts)  # a copy the caller cannot change
         self._pending.append((self._writer.submit(write_atomic, self.path / rel, data), int(step), kind, rel))
         return self.path / rel
 

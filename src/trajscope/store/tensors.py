@@ -68,12 +68,14 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     return b"".join([head, *buffers])
 
 
-def write_atomic(path: Path, data: bytes) -> int:
-    """Write ``data`` to a temporary name and rename it to ``path``; return its size.
+def write_atomic(path: Path, data) -> int:
+    """Write ``data`` (bytes, or a list of bytes-like parts written one after another, so that a
+    caller need not join them) to a temporary name and rename it to ``path``; return its size.
 
     Plain ``os`` calls (no file object, the folder made only when missing): on small models the
     per-file cost, not the bytes, is what a snapshot costs.
     """
+    parts = [memoryview(p).cast("B") for p in (data if isinstance(data, (list, tuple)) else [data])]
     tmp = str(temporary_path(Path(path)))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -82,13 +84,14 @@ def write_atomic(path: Path, data: bytes) -> int:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
-        view, done = memoryview(data), 0
-        while done < len(view):  # os.write may write less than asked
-            done += os.write(fd, view[done:])
+        for view in parts:
+            done = 0
+            while done < len(view):  # os.write may write less than asked
+                done += os.write(fd, view[done:])
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return len(data)
+    return sum(len(v) for v in parts)
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
