@@ -13,7 +13,7 @@ unfrozen, continues *full* training, while the original continues *frozen*; the 
 K+1..T in lockstep on the same batches and rates, alternating which goes first at every step so
 that load from other processes hits both alike. Timed per step: forward, loss, backward,
 optimizer step, zero_grad (the controller's own watching cost before K is reported separately).
-If the criterion never fires, the fork is at ``--fallback`` x T and the row says so.
+If the criterion has not fired by ``--fallback`` x T (default 0.75), the fork is there and the row says so.
 
 Reported per workload (mean over seeds, and per seed): ``time_saving`` = 1 - t_frozen / t_full over
 steps K+1..T (a fraction), ``run_saving`` the same over the whole run (prefix included, the
@@ -146,6 +146,17 @@ def summarize(name: str, rows: list[dict], args) -> dict:
     return out
 
 
+def assemble(rows: dict[str, list[dict]], args) -> dict:
+    result = {"benchmark": "redundancy_freeze", "timed": TIMED, "threads": args.threads,
+              "kept": "normalization scales and shifts" + (" + last layer" if args.last_layer else ""),
+              "criterion": {"threshold": args.threshold, "window": args.window, "patience": args.patience,
+                            "every": 10},
+              "workloads": [summarize(n, r, args) for n, r in rows.items()]}
+    result["time_saving"] = {w["workload"]: w["time_saving"] for w in result["workloads"]}
+    result["metric_gap"] = {w["workload"]: w["metric_gap"] for w in result["workloads"]}
+    return result
+
+
 def print_table(result: dict, file=sys.stdout) -> None:
     print(f"redundancy freeze (kept: {result['kept']}; {result['timed']})", file=file)
     head = f"{'workload':<18}{'steps':>6}{'switch':>18}{'kept/total':>16}{'time_saving':>13}{'run_saving':>12}{'gap (pts)':>11}"
@@ -168,7 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--last-layer", action="store_true", help="keep the last layer trainable too")
-    ap.add_argument("--fallback", type=float, default=0.5, help="fork here (fraction of T) if the criterion never fires")
+    ap.add_argument("--fallback", type=float, default=0.75, help="fork here (fraction of T) if the criterion has not fired by then")
     ap.add_argument("--resnet-steps", type=int, default=240)
     ap.add_argument("--resnet-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -177,19 +188,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     total = sum(config_for(n, args).steps for n in args.workloads) * len(args.seeds)
-    rows = {}
+    rows: dict[str, list[dict]] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=total, desc="redundancy freeze", unit="step", leave=False) as bar:
         for name in args.workloads:
-            rows[name] = [one_seed(name, seed, args, bar) for seed in args.seeds]
-    result = {"benchmark": "redundancy_freeze", "timed": TIMED, "threads": args.threads,
-              "kept": "normalization scales and shifts" + (" + last layer" if args.last_layer else ""),
-              "criterion": {"threshold": args.threshold, "window": args.window, "patience": args.patience,
-                            "every": 10},
-              "workloads": [summarize(n, r, args) for n, r in rows.items()]}
-    result["time_saving"] = {w["workload"]: w["time_saving"] for w in result["workloads"]}
-    result["metric_gap"] = {w["workload"]: w["metric_gap"] for w in result["workloads"]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+            for seed in args.seeds:
+                rows.setdefault(name, []).append(one_seed(name, seed, args, bar))
+                result = assemble(rows, args)
+                args.out.write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a kill
     print_table(result, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result))
