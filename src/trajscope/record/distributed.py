@@ -6,7 +6,8 @@ The :class:`~trajscope.record.Recorder` finds one of three layouts from the mode
 - ``replicated`` (``DistributedDataParallel``): every rank holds every parameter and, after each
   optimizer step, the same values. Rank 0 measures and writes; every rank takes part in one
   ``all_reduce`` per step that averages the loss (each rank's loss is that of its part of the
-  global batch) and agrees on divergence.
+  global batch) and agrees on divergence; it completes during the next step
+  (:class:`PendingReduction`).
 - ``sharded`` (FSDP2, ``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded on
   dim 0 over a 1-D device mesh. Every rank measures its local shards; squared norms and sketches
   are summed with one ``all_reduce`` (the sketch is generated from (seed, name, global offset), so
@@ -118,3 +119,31 @@ def local_slice(name: str, t: Tensor | None, layout: Layout) -> tuple[Tensor | N
 def full(t: Tensor) -> Tensor:
     """The whole tensor (a collective for a DTensor: every rank must call it)."""
     return t.full_tensor() if is_dtensor(t) else t
+
+
+class PendingReduction:
+    """Under DDP, the all_reduce of one step's ``[loss, non-finite flag]``, started without waiting
+    (``async_op``) and finished at the next step. Collectives of a group run in order, so by the
+    time the next step's gradient all-reduce is done this one is too, and no rank ever waits for
+    it; the cost is that the loss and a divergence of step t become known at step t+1."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self._pending = None
+
+    def start(self, step: int, loss: float | None, flagged: bool) -> None:
+        import torch.distributed as dist
+
+        vec = torch.tensor([0.0 if loss is None else loss, float(flagged)], device=self.layout.device)
+        work = dist.all_reduce(vec, group=self.layout.group, async_op=True)
+        self._pending = (step, loss is not None, vec, work)
+
+    def finish(self) -> tuple[int, float | None, bool] | None:
+        """(step, loss averaged over ranks or None, whether any rank flagged it), or None."""
+        if self._pending is None:
+            return None
+        step, has_loss, vec, work = self._pending
+        self._pending = None
+        work.wait()
+        total, flags = vec.tolist()
+        return step, (total / self.layout.world if has_loss else None), flags > 0

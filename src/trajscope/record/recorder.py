@@ -98,6 +98,7 @@ class Recorder:
 
             self._sketcher = Sketcher(k=sketch_dim, seed=sketch_seed)
         self._state = None
+        self._reduction = D.PendingReduction(self.layout) if self.layout.mode == "replicated" else None
         self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
         if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
             self._state = self._make_state(flat_max)
@@ -184,6 +185,10 @@ class Recorder:
         """Commit everything and close the run with ``status`` (unless it already diverged)."""
         if self.closed:
             return
+        try:
+            self._settle()
+        except DivergedError:  # the last step diverged: the run says so, nothing more to close
+            return
         self.closed = True
         if self.run is not None and self.run.writable:
             self.run.close(status if self.run.status == "running" else None, step=self._step)
@@ -203,7 +208,20 @@ class Recorder:
         run_id = self.run.id if self.run is not None else f"(rank {self.layout.rank})"
         raise DivergedError(f"run {run_id} diverged at step {step}: {reason}", step)
 
-    def _measure(self, loss: float | None, first: bool, want_sketch: bool):
+    def _settle(self) -> None:
+        """Finish the previous step's loss reduction (DDP): log its loss, or stop every rank."""
+        done = self._reduction.finish() if self._reduction is not None else None
+        if done is None:
+            return
+        step, loss, flagged = done
+        if loss is not None and not math.isfinite(loss):
+            self._diverge(step, f"loss is {loss}", {"loss": loss})
+        if flagged:
+            self._diverge(step, "parameters are not finite", {} if loss is None else {"loss": loss})
+        if loss is not None and self.run is not None and self.scalars(step):
+            self.run.log_scalars(step, {"loss": loss})
+
+    def _measure(self, step: int, loss: float | None, first: bool, want_sketch: bool):
         """(loss averaged over ranks, [|theta|, |g|, |dtheta|], whether any gradient was seen,
         sketch (k,) or None). Outside a single process, one all_reduce per step (every rank)."""
         mode, state = self.layout.mode, self._state
@@ -214,15 +232,13 @@ class Recorder:
         if mode == "single":
             return loss, [math.sqrt(v) for v in sq.tolist()], has_grad, sk
         if mode == "replicated":
-            # Rank 0 alone measures (the replicas are equal); the reduction averages the loss and
-            # carries rank 0's verdict on finite parameters, so that every rank stops together.
+            # Rank 0 alone measures (the replicas are equal). The reduction averages the loss and
+            # carries rank 0's verdict on finite parameters, so that every rank stops together;
+            # it finishes at the next step, which logs the loss (see _settle).
             norms = [math.sqrt(v) for v in sq.tolist()] if sq is not None else [0.0, 0.0, 0.0]
-            vec = torch.tensor([0.0 if loss is None else loss, 0.0 if math.isfinite(norms[0]) else 1.0],
-                               device=self.layout.device)
-            host = self.layout.all_reduce_(vec).tolist()
-            if host[1] > 0:
-                norms[0] = math.nan
-            return (None if loss is None else host[0] / self.layout.world), norms, has_grad, sk
+            self._settle()
+            self._reduction.start(step, loss, not math.isfinite(norms[0]))
+            return None, norms, has_grad, sk
         # sharded: [loss, squared norms, sketch] of the local shards, summed over ranks.
         head = torch.tensor([0.0 if loss is None else loss], device=sq.device)
         vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else [])))
@@ -235,10 +251,10 @@ class Recorder:
                 checkpoint_extra: dict | None = None) -> None:
         run, want_sketch = self.run, self._sketcher is not None and self.sketch_schedule(step)
         with torch.no_grad():
-            loss, norms, has_grad, sk = self._measure(loss, first, want_sketch)
+            loss, norms, has_grad, sk = self._measure(step, loss, first, want_sketch)
             if loss is not None and not math.isfinite(loss):
                 self._diverge(step, f"loss is {loss}", {"loss": loss})
-            if not math.isfinite(norms[0]):
+            if not math.isfinite(norms[0]) and self._reduction is None:
                 self._diverge(step, "parameters are not finite", {"param_norm": norms[0]})
             if self.scalars(step) and run is not None:
                 values: dict[str, float] = {}
