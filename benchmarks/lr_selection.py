@@ -98,6 +98,7 @@ def base(workload: str, optimizer: str, budget: int):
 
 def bench_workload(workload: str, budget: int, root: str, say) -> list[dict]:
     from trajscope import select_lr, workloads
+    from trajscope.errors import TrajscopeError
     from trajscope.sweep import run_configs
 
     target = workloads.get(workload).target
@@ -121,7 +122,15 @@ def bench_workload(workload: str, budget: int, root: str, say) -> list[dict]:
         say(r)
         for method in ("range-test",) + TRAJSCOPE:
             t0 = time.perf_counter()
-            sel = select_lr(cfg, method, root=root, progress=False)
+            try:
+                sel = select_lr(cfg, method, root=root, progress=False)
+            except TrajscopeError as e:  # the method could not choose: a result, reported as such
+                r = {"method": method, "optimizer": opt, "lr": float("nan"), "status": "failed", "error": str(e),
+                     "final_metric": float("nan"), "choose_steps": float("nan"), "total_steps": float("nan"),
+                     "wall_s": time.perf_counter() - t0, "steps_to_target": None}
+                rows.append(r)
+                say(r)
+                continue
             wall = time.perf_counter() - t0
             ch = sel.choose.step_equivalents
             r = row(method, opt, sel.lr, sel.run, round(ch, 1), target, budget,
@@ -151,7 +160,8 @@ def summarize(rows: list[dict], budgets: dict[str, int]) -> dict:
             ok = []
             for r in mine:
                 g = next(x for x in rows if x["workload"] == wl and x["method"] == "grid" and x["optimizer"] == r["optimizer"])
-                ratios.append(r["total_steps"] / budget)
+                if math.isfinite(r["total_steps"]):
+                    ratios.append(r["total_steps"] / budget)
                 good = math.isfinite(r["final_metric"]) and r["final_metric"] >= g["final_metric"] - 0.005
                 ok.append(good)
                 within_pairs += good
@@ -161,7 +171,8 @@ def summarize(rows: list[dict], budgets: dict[str, int]) -> dict:
             free = [(r["steps_to_target"] or inf) for r in rows if r["workload"] == wl and r["method"] in ("prodigy", "schedulefree")]
             beats += best < inf and all(best < f for f in free)
         out[m] = {"compute_ratio": sum(ratios) / max(len(ratios), 1), "within_pairs": within_pairs,
-                  "pairs": len(ratios), "workloads_within_target": within_wl, "beats_lr_free": beats,
+                  "pairs": sum(r["method"] == m for r in rows), "failed": sum(r["method"] == m and
+                                                                      r.get("status") == "failed" for r in rows), "workloads_within_target": within_wl, "beats_lr_free": beats,
                   "workloads": len(budgets)}
     best = max(TRAJSCOPE, key=lambda m: (out[m]["workloads_within_target"], -out[m]["compute_ratio"]))
     return {"best_method": best, "compute_ratio": out[best]["compute_ratio"],

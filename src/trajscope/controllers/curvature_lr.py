@@ -27,13 +27,14 @@ the first step, which the CONTEXT.md measurement shows hurts. The early race
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 
 from trajscope.controllers.lr_common import Compute, ShortLoop
-from trajscope.errors import UsageError
+from trajscope.errors import TrajscopeError, UsageError
 from trajscope.functional.hessian import (adam_preconditioner, is_adam, stability_threshold,
                                           top_hessian_eigenvalues)
 from trajscope.functional.hvp import trainable_parameters
@@ -76,9 +77,15 @@ def sharpness(model, loss_fn, batch, optimizer, *, tol: float = 1e-2, max_iter: 
     pre = None
     if is_adam(optimizer):
         pre = adam_preconditioner(optimizer, [p for _, p in trainable_parameters(model)])
-    eig = top_hessian_eigenvalues(model, loss_fn, batch, 1, tol=tol, max_iter=max_iter, generator=generator,
-                                  precondition=pre)
-    return float(eig.values[0]), int(eig.n_iter)
+    try:
+        eig = top_hessian_eigenvalues(model, loss_fn, batch, 1, tol=tol, max_iter=max_iter, generator=generator,
+                                      precondition=pre)
+    except RuntimeError as e:  # e.g. eigh of a tridiagonal with non-finite entries: the model blew up
+        raise TrajscopeError(f"the top Hessian eigenvalue could not be measured: {str(e).splitlines()[0]}") from None
+    lam = float(eig.values[0])
+    if not math.isfinite(lam):
+        raise TrajscopeError(f"the top Hessian eigenvalue is {lam}: the loss or the weights are not finite")
+    return lam, int(eig.n_iter)
 
 
 def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float = C_RATE,
@@ -110,6 +117,8 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
     while t < warmup:
         t += 1
         losses.append(loop.step(t, warmup_lr))
+        if not math.isfinite(losses[-1]):
+            raise TrajscopeError(f"the curvature warm-up diverged at step {t} (lr {warmup_lr:.3g}, loss {losses[-1]})")
     t0 = time.perf_counter()
     lam, n1 = sharpness(loop.model, loop.loss_fn, batch, opt, tol=tol, max_iter=max_iter, generator=gen)
     wall += time.perf_counter() - t0
