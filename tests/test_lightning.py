@@ -20,7 +20,7 @@ from trajscope.integrations.session import recorder_for  # noqa: E402
 from trajscope.config import RecordConfig  # noqa: E402
 from trajscope.events import Event, StepContext  # noqa: E402
 from trajscope.probes.noise import NoiseProbe  # noqa: E402
-from trajscope.store import Run  # noqa: E402
+from trajscope.store import Run, list_runs  # noqa: E402
 
 SEED, MICRO, ACC, PER_EPOCH, STEPS, LR, NOISE_EVERY = 0, 16, 2, 6, 12, 0.05, 4
 RECORD = RecordConfig(snapshots="every", snapshot_every=4, grads=True, sketch_dim=64)
@@ -230,6 +230,33 @@ def test_diverged_loss_stops_training_and_keeps_the_run(tmp_path, data):
     r = Run.open(cb.session.run.path)
     assert r.status == "diverged" and r.meta["status_step"] == 4
     assert r.scalars(["param_norm"], wide=True).index.tolist() == [0, 1, 2, 3]
+
+
+class RankModule(DigitsModule):
+    """Each of the ranks trains on its share of every effective batch (so the global batch is 32)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def train_dataloader(self):
+        r, w = self.global_rank, self.trainer.world_size
+        share = MICRO * ACC // w
+        ds = torch.utils.data.TensorDataset(self.data.x_train, self.data.y_train)
+        return torch.utils.data.DataLoader(ds, batch_sampler=[b[r * share:(r + 1) * share].tolist() for b in _batches()])
+
+
+def test_two_process_ddp_records_the_plain_loop_run(tmp_path, data, reference):
+    root = tmp_path / "runs"
+    cb = TrajscopeCallback(root, record=RECORD, module="model")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         use_distributed_sampler=False, default_root_dir=str(tmp_path), callbacks=[cb])
+    trainer.fit(RankModule(data))
+    (info,) = list_runs(root)  # rank 0 wrote the one run
+    r = Run.open(info.path)
+    assert r.status == "finished" and r.config["integration"] == "lightning"
+    _assert_same_run(r, reference)  # loss averaged over ranks, gradients averaged by DDP
 
 
 def test_bad_run_argument_is_a_one_line_error():

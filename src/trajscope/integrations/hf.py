@@ -67,7 +67,7 @@ class TrajscopeCallback(TrainerCallback):
         start = int(state.global_step)
         self.session.open(model, optimizer, start_step=start, config=self._default_config(args, model))
         run = self.session.run
-        if start > 0 and start in run.snapshot_steps(STATE_KIND):
+        if run is not None and start > 0 and start in run.snapshot_steps(STATE_KIND):
             self.session.restore_callbacks(run.load_state(start, STATE_KIND).get("callbacks") or {})
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
 
@@ -92,7 +92,7 @@ class TrajscopeCallback(TrainerCallback):
         self.session.evaluated(values)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.session.active:
+        if self.session.active and self.session.run is not None:
             self.session.run.save_state(int(state.global_step), self.session.state_dict(), kind=STATE_KIND)
 
     def on_train_end(self, args, state, control, **kwargs):

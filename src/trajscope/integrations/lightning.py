@@ -94,8 +94,8 @@ class TrajscopeCallback(pl.Callback):
         self._loss, self._micro = None, []
         if not ok:
             trainer.should_stop = True
-            pl.utilities.rank_zero_warn(f"trajscope: run {self.session.run.id} diverged at step "
-                                        f"{self.session.rec.current_step}; training stops")
+            pl.utilities.rank_zero_warn(f"trajscope: the run diverged at step {self.session.rec.current_step}; "
+                                        "training stops")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -16,6 +16,10 @@ micro-batch), in this order::
 The recorder, probes and controllers are the ones the reference :class:`~trajscope.train.Trainer`
 uses, so a run recorded here has the same scalars, sketches and snapshots as a plain loop's. The
 forward and backward events are not emitted: a framework runs them per micro-batch.
+
+Under torch.distributed (DDP) every rank builds the recorder and takes part in its collectives;
+rank 0 alone opens the run and runs the probes (controllers are refused: acting on one rank would
+set the replicas apart).
 """
 
 from __future__ import annotations
@@ -119,6 +123,8 @@ class Session:
         self._run_arg, self.config, self.seed, self.name, self.overwrite = run, config, seed, name, overwrite
         self.record = as_record_config(record)
         self.callbacks = build_callbacks(probes, controllers)
+        self._active = self.callbacks  # those run on this rank (all of them but under distributed)
+        self.writer = True  # rank 0 (or no torch.distributed): this process writes the run
         self.workload, self.data = workload, data
         self.run: Run | None = None
         self.rec: Recorder | None = None
@@ -140,13 +146,23 @@ class Session:
         """Start recording ``model`` whose parameters hold theta_``start_step`` (0: a new run, whose
         initial state is recorded now; > 0: a resumed run, whose records after that step are
         dropped). ``config`` is the run's config where the constructor was given none."""
-        self.run = self._open_run(start_step, config)
-        if start_step > 0:
-            self.run.truncate_after(start_step)
-            self.run.log_event(start_step, "resumed", f"resumed from the framework checkpoint of step {start_step}")
+        self.writer = _rank() == 0
+        if self.writer:
+            self.run = self._open_run(start_step, config)
+            if start_step > 0:
+                self.run.truncate_after(start_step)
+                self.run.log_event(start_step, "resumed", f"resumed from the framework checkpoint of step {start_step}")
+        else:  # under torch.distributed rank 0 writes; the others take part in the recorder's collectives
+            from trajscope.controllers.base import Controller
+
+            if any(isinstance(cb, Controller) for cb in self.callbacks):
+                raise UsageError("controllers act on rank 0 only and would set the ranks apart; they are not "
+                                 "supported in a distributed Lightning or Hugging Face run")
+            self._active = []  # probes measure and write on rank 0
         self._params = [p for _, p in model.named_parameters()]
         self.rec = recorder_for(model, self.run, self.record, start_step)
-        self.ctx = StepContext(self.run.config, self.run, model, optimizer, self.workload, self.data, step=start_step)
+        self.ctx = StepContext(self.run.config if self.run is not None else {}, self.run, model, optimizer,
+                               self.workload, self.data, step=start_step)
         self.restore_callbacks((self._loaded or {}).get("callbacks") or {})
         self._emit(Event.INIT)
         self._emit(Event.FIT_START)
@@ -223,8 +239,9 @@ class Session:
             return
         if status == "finished":
             self._emit(Event.FIT_END)
-            self.run.set_meta(final=dict(self.ctx.metrics), wall_s=time.perf_counter() - self._t0)
-        if reason is not None and self.run.writable:
+            if self.run is not None:
+                self.run.set_meta(final=dict(self.ctx.metrics), wall_s=time.perf_counter() - self._t0)
+        if reason is not None and self.run is not None and self.run.writable:
             self.rec.closed = True
             self.run.close(status, step=self.rec.current_step, reason=reason)
         else:
@@ -249,8 +266,15 @@ class Session:
                 cb.load_state_dict(states[cb.name])
 
     def _emit(self, event: Event) -> None:
-        for cb in self.callbacks:
+        for cb in self._active:
             cb.on_event(event, self.ctx)
+
+
+def _rank() -> int:
+    """This process's rank under torch.distributed (0 without a process group)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_number(v: Any) -> bool:
