@@ -288,3 +288,15 @@ def test_select_lr_on_a_plain_model():
     assert rt.run is None and rt.choose.steps == rt.evidence["steps"] <= 40
     assert rt.lr in rt.evidence["rates"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model is unchanged
+
+
+def test_a_diverging_warmup_is_a_one_line_error():
+    from trajscope.errors import TrajscopeError
+
+    # least squares at 1000/16 of the stability threshold: |1 - eta lam| ~ 125 per step overflows float32
+    x = torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    cfg = RunConfig(workload="(model)", optimizer="sgd", batch_size=32, steps=100)
+    loop = ShortLoop.for_model(nn.Linear(4, 1), lambda out, t: 0.5 * ((out - t) ** 2).mean(), x, x[:, :1], cfg)
+    with pytest.raises(TrajscopeError, match="warm-up diverged") as e:
+        CL.curvature_select(loop, warmup=60, examples=32, c_warmup=1e3)
+    assert "\n" not in str(e.value)

@@ -14,11 +14,11 @@ import torch
 
 from trajscope.errors import DataNotFoundError, UsageError
 from trajscope.workloads import LOSSES, get, names
-from trajscope.workloads import cifar, digits, mnist5k, modadd
+from trajscope.workloads import cifar, digits, mnist5k, modadd, zipf
 from trajscope.workloads import mnist1d as mnist1d_workload
 
-NAMES = ["cifar10-resnet20", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist1d-mlp-mse", "mnist5k-cnn",
-         "modadd-mlp", "modadd-transformer"]
+NAMES = ["cifar10-resnet20", "digits-mlp", "mnist1d-cnn", "mnist1d-mlp", "mnist1d-mlp-mse", "mnist1d-pretext",
+         "mnist5k-cnn", "modadd-mlp", "modadd-transformer", "zipf-classes"]
 # name -> (x_train shape, x_val shape, num_classes); CIFAR with synthetic=True.
 SHAPES = {
     "cifar10-resnet20": ((5000, 3, 32, 32), (1000, 3, 32, 32), 10),
@@ -28,6 +28,8 @@ SHAPES = {
     "mnist1d-mlp-mse": ((4000, 40), (1000, 40), 10),
     "mnist5k-cnn": ((4000, 1, 28, 28), (1000, 1, 28, 28), 10),
     "modadd-mlp": ((4704, 194), (9409 - 4704, 194), 97),
+    "mnist1d-pretext": ((4000, 40), (1000, 40), 10),
+    "zipf-classes": ((4000, 32), (2000, 32), 1000),
     "modadd-transformer": ((3830, 3), (12769 - 3830, 3), 113),
 }
 HYPERPARAMETERS = {"optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size",
@@ -35,6 +37,7 @@ HYPERPARAMETERS = {"optimizer", "lr", "momentum", "nesterov", "weight_decay", "b
 CACHES = {"cifar10-resnet20": cifar._synthetic, "digits-mlp": digits._split,
           "mnist1d-cnn": mnist1d_workload._generate, "mnist1d-mlp": mnist1d_workload._generate,
           "mnist1d-mlp-mse": mnist1d_workload._generate,
+          "mnist1d-pretext": mnist1d_workload._generate, "zipf-classes": zipf._generate,
           "mnist5k-cnn": mnist5k._split, "modadd-mlp": modadd._split,
           "modadd-transformer": modadd._split}
 

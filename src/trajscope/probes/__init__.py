@@ -8,3 +8,4 @@ __all__ = ["REGISTRY", "Probe", "all_probes", "register"]
 from trajscope.probes import sharpness as _sharpness  # noqa: F401,E402
 from trajscope.probes import noise as _noise  # noqa: F401,E402
 from trajscope.probes import kernel as _kernel  # noqa: F401,E402
+from trajscope.probes import training_set as _training_set  # noqa: F401,E402

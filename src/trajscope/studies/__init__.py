@@ -13,3 +13,5 @@ from trajscope.studies import edge_of_stability as _edge_of_stability  # noqa: F
 from trajscope.studies import kernel_motion as _kernel_motion  # noqa: F401,E402
 from trajscope.studies import directional as _directional  # noqa: F401,E402
 from trajscope.studies import bn_only as _bn_only  # noqa: F401,E402
+from trajscope.studies import grokking as _grokking  # noqa: F401,E402
+from trajscope.studies import heavy_tail as _heavy_tail  # noqa: F401,E402
