@@ -67,7 +67,7 @@ class Recorder:
         start_step: the step of the model's current state (0 for a new run; the checkpoint step on
             resume). The state at ``start_step`` is recorded at construction if ``record_start``.
         flat_max: up to this many (local) parameter elements, the per-step state is kept in flat
-            float32 buffers (36 bytes per element, fastest on small models); above it, per tensor
+            float32 buffers (32 bytes per element, fastest on small models); above it, per tensor
             (one copy of the parameters).
         process_group: the torch.distributed group the model trains in (default: the default group).
     """

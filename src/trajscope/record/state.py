@@ -7,7 +7,7 @@ the last is 0 at the first step) and the count sketch of theta_t:
 
 - :class:`FlatState`: one flat float32 copy per step. Small models are limited by the per-call
   overhead of tensor operations, not by arithmetic, and a flat buffer makes a step about six
-  calls whatever the number of tensors. 24 bytes per element (and 12 for the sketch operator).
+  calls whatever the number of tensors. 24 bytes per element (and 8 for the sketch operator).
 - :class:`TensorState`: per-tensor fused ``_foreach`` calls and one copy of theta_{t-1} in the
   parameters' dtype, for models too large for three flat copies or spread over devices.
 """
