@@ -130,3 +130,57 @@ def test_checkpoint_capture_restore_continues_exactly(tmp_path):
     assert restore(run.load_state(5), m2, o2) == {"step": 5}
     assert train(m2, o2, 5) == expected  # bitwise
     run.close("finished")
+
+
+def test_flat_and_per_tensor_state_record_the_same_run(root):
+    """The flat fast path (small models) against the per-tensor path (``flat_max=0``), and both
+    against the obvious reference; one frozen tensor (no gradient) takes the partial-gradient path."""
+    runs, thetas, grads = [], [], []
+    for flat_max in (1 << 22, 0):
+        model = _model()
+        model[0].bias.requires_grad_(False)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        run = Run.create(root, {"flat_max": flat_max})
+        th, gs = [torch.cat([p.detach().flatten().clone() for p in model.parameters()])], []
+        with trajscope.Recorder(model, run, flat_max=flat_max, sketch_dim=128, commit_every_s=0) as rec:
+            g = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                x = torch.randn(16, 5, generator=g)
+                opt.zero_grad()
+                ((model(x) - x.sum(1, keepdim=True)) ** 2).mean().backward()
+                gs.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item())
+                opt.step()
+                rec.step(loss=1.0, optimizer=opt)
+                th.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+        runs.append(Run.open(run.path))
+        thetas.append(th)
+        grads.append(gs)
+    flat, per = runs
+    for fm, kind in ((1 << 22, "FlatState"), (0, "TensorState")):
+        probe = trajscope.Recorder(_model(), Run.create(root, {"probe": fm}), flat_max=fm)
+        assert type(probe._state).__name__ == kind
+        probe.close()
+    a, b = flat.scalars(wide=True), per.scalars(wide=True)
+    assert list(a.columns) == list(b.columns) and list(a.index) == list(range(6))
+    for t in range(1, 6):
+        assert a.loc[t, "param_norm"] == pytest.approx(thetas[0][t].norm().item(), rel=1e-5)
+        assert a.loc[t, "update_norm"] == pytest.approx((thetas[0][t] - thetas[0][t - 1]).norm().item(), rel=1e-4)
+        assert a.loc[t, "grad_norm"] == pytest.approx(grads[0][t - 1], rel=1e-5)
+        for name in ("param_norm", "update_norm", "grad_norm"):
+            assert a.loc[t, name] == pytest.approx(b.loc[t, name], rel=1e-5)
+    (sa, ka), (sb, kb) = flat.sketches(), per.sketches()
+    assert list(sa) == list(sb) == list(range(6))
+    torch.testing.assert_close(ka, kb, rtol=1e-5, atol=1e-6)
+    ref = Sketcher(k=128, seed=0)
+    names = [n for n, _ in _model().named_parameters()]
+    sizes = [p.numel() for p in _model().parameters()]
+    final = dict(zip(names, [v.reshape(s.shape) for v, s in zip(torch.split(thetas[0][5], sizes), _model().parameters())]))
+    torch.testing.assert_close(ka[5], ref.sketch(list(final.items())), rtol=1e-5, atol=1e-6)
+    # the flat path writes whole-model snapshots straight from its buffer: bitwise the same file
+    # content as the general encoder, read back by safetensors' own loader
+    assert flat.snapshot_steps() == per.snapshot_steps() == list(range(6))
+    for t in (0, 3, 5):
+        sa, sb = flat.load_snapshot(t), per.load_snapshot(t)
+        assert list(sa) == list(sb) == names
+        assert all(torch.equal(sa[n], sb[n]) for n in names)
+        assert torch.equal(torch.cat([sa[n].flatten() for n in names]), thetas[0][t])
