@@ -190,6 +190,11 @@ def test_verdict_rules():
     assert common.range_verdict(9.0, 2, 4)[0] == "not"
 
 
+def test_rounded_learning_rates_survive_last_bit_changes():
+    assert common.rounded(0.2050107178) == 0.205 and common.rounded(0.20501071784 * (1 + 1e-9)) == 0.205
+    assert common.rounded(1234.5678) == 1235.0 and common.rounded(3.0e-5, 2) == 3.0e-5
+
+
 def test_init_sharpness_of_a_linear_mse_model_is_the_closed_form():
     """depth 0: logits = W x + b, loss = 0.5 mean_i |W x_i + b - y_i|^2, so the Hessian is
     I_10 (x) (1/n) sum_i [x_i; 1][x_i; 1]^T and lambda_0 is the top eigenvalue of that covariance."""

@@ -30,7 +30,7 @@ import numpy as np
 from trajscope.config import CallbackSpec, RecordConfig, RunConfig
 from trajscope.studies.base import Finding, Study, StudyContext, StudyResult, register
 from trajscope.studies.common import (count_verdict, factor_verdict, final_metric, fmt, geometric_midpoint,
-                                      init_sharpness, series)
+                                      init_sharpness, rounded, series)
 
 WORKLOAD = "mnist1d-mlp-mse"
 PROBE_SIZE = 1024
@@ -85,10 +85,10 @@ class CatapultStudy(Study):
         for width, depth in p["archs"]:
             lam0 = init_sharpness(_config(width, depth, 1.0, steps), PROBE_SIZE)
             archs.append({"width": width, "depth": depth, "lambda_0": lam0})
-        configs = [_config(a["width"], a["depth"], c / a["lambda_0"], steps) for a in archs for c in cs]
+        configs = [_config(a["width"], a["depth"], rounded(c / a["lambda_0"]), steps) for a in archs for c in cs]
         summaries = ctx.train(configs)
         for i, a in enumerate(archs):
-            a["runs"] = [self._measure(s, c, c / a["lambda_0"]) for c, s in zip(cs, summaries[i * len(cs):])]
+            a["runs"] = [self._measure(s, c, rounded(c / a["lambda_0"])) for c, s in zip(cs, summaries[i * len(cs):])]
             a["c_loss"], a["c_max"] = boundaries(cs, [r["regime"] for r in a["runs"]])
         result = StudyResult(self.name, self.title, ctx.quick, self._findings(archs, cs),
                              data={"archs": archs, "cs": cs, "steps": steps, "spike": SPIKE, "early": EARLY},

@@ -77,6 +77,13 @@ def init_sharpness(config: RunConfig, size: int, tol: float = 1e-3, max_iter: in
     return float(top_hessian_eigenvalues(model, wl.loss_fn, batch, 1, tol=tol, max_iter=max_iter).values[0])
 
 
+def rounded(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a learning rate derived from a measured lambda_0 goes
+    into a run's config (and so its id); rounding keeps the cache hit when the last bits of lambda_0
+    change (a different Lanczos path, thread count or library version)."""
+    return float(f"{x:.{digits - 1}e}")
+
+
 def factor_verdict(measured: float, paper: float, close: float = 1.5, near: float = 2.5) -> tuple[str, str]:
     """(verdict, why) for a positive number against the paper's (module docstring)."""
     if not (math.isfinite(measured) and measured > 0):

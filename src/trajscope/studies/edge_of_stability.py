@@ -22,7 +22,7 @@ import numpy as np
 
 from trajscope.config import CallbackSpec, RecordConfig, RunConfig
 from trajscope.studies.base import Finding, Study, StudyContext, StudyResult, register
-from trajscope.studies.common import count_verdict, factor_verdict, fmt, init_sharpness, series
+from trajscope.studies.common import count_verdict, factor_verdict, fmt, init_sharpness, rounded, series
 
 WORKLOAD = "mnist1d-mlp-mse"
 REACH, HOVER = 0.9, (0.8, 1.2)
@@ -64,11 +64,11 @@ class EdgeOfStabilityStudy(Study):
     def run(self, ctx: StudyContext) -> StudyResult:
         p = QUICK if ctx.quick else FULL
         lam0 = init_sharpness(_config(p, 1.0, 0.0), p["n_train"])
-        plan = [{"label": f"GD, 2/eta = {k:g} lambda_0", "lr": 2.0 / (k * lam0), "momentum": 0.0, "k": k}
+        plan = [{"label": f"GD, 2/eta = {k:g} lambda_0", "lr": rounded(2.0 / (k * lam0)), "momentum": 0.0, "k": k}
                 for k in p["ks"]]
         km = p["k_momentum"]
         plan.append({"label": f"momentum {BETA:g}, (2+2b)/eta = {km:g} lambda_0",
-                     "lr": (2 + 2 * BETA) / (km * lam0), "momentum": BETA, "k": km})
+                     "lr": rounded((2 + 2 * BETA) / (km * lam0)), "momentum": BETA, "k": km})
         summaries = ctx.train([_config(p, r["lr"], r["momentum"]) for r in plan])
         for r, s in zip(plan, summaries):
             steps, lam = series(s, "sharpness/lambda_max")
