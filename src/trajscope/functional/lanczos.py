@@ -143,7 +143,7 @@ def lanczos(matvec: MatVec, v0: Tensor, steps: int,
 
 def top_eigenvalues(matvec: MatVec, dim: int, k: int = 1, tol: float = 1e-3, max_iter: int = 100,
                     v0: Tensor | None = None, generator: torch.Generator | None = None,
-                    dtype: torch.dtype = torch.float32, device=None) -> Eigen:
+                    dtype: torch.dtype = torch.float32, device=None, value_tol: float | None = None) -> Eigen:
     """The ``k`` algebraically largest eigenpairs of the symmetric operator by Lanczos.
 
     Stops when every top-k Ritz pair (theta, y) has relative residual ``|C y - theta y| / |theta|
@@ -167,7 +167,12 @@ def top_eigenvalues(matvec: MatVec, dim: int, k: int = 1, tol: float = 1e-3, max
         idx = torch.arange(len(alphas) - 1, max(len(alphas) - k, 0) - 1, -1)
         res = (b_next * S[-1, idx].abs()) / theta[idx].abs().clamp_min(1e-30)
         state.update(theta=theta[idx], S=S[:, idx], res=res)
-        return len(alphas) >= k and bool((res <= tol).all())
+        if len(alphas) < k:
+            return False
+        if bool((res <= tol).all()):
+            return True
+        return value_tol is not None and len(alphas) > k and bool(
+            (value_error(theta, res * theta[idx].abs(), k) <= value_tol).all())
 
     alphas, betas, basis = lanczos(matvec, v0, max_iter, on_step=check)
     S = state["S"].to(dtype=basis.Q.dtype)
@@ -176,6 +181,22 @@ def top_eigenvalues(matvec: MatVec, dim: int, k: int = 1, tol: float = 1e-3, max
     res = state["res"]
     return Eigen(values=state["theta"], vectors=vectors, residuals=res,
                  n_iter=len(alphas), converged=len(alphas) >= k and bool((res <= tol).all()))
+
+
+def value_error(theta: Tensor, rho: Tensor, k: int) -> Tensor:
+    """Estimated relative errors (k,) of the top-k Ritz values ``theta`` (all m, ascending) with
+    absolute residual norms ``rho`` (k,, largest first): rho^2 / (gap |theta_i|), the gap being the
+    distance from theta_i to the nearest other Ritz value (Kato-Temple / Parlett's gap bound
+    |lambda - theta| <= rho^2 / gap, with the true gap replaced by the Ritz gap: an estimate, not
+    a guarantee, while the neighbouring Ritz values are still moving)."""
+    m = len(theta)
+    out = []
+    for i in range(k):
+        j = m - 1 - i
+        others = torch.cat([theta[:j], theta[j + 1:]])
+        gap = float((others - theta[j]).abs().min()) if len(others) else float("inf")
+        out.append(float(rho[i]) ** 2 / max(gap * abs(float(theta[j])), 1e-300))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def hutchinson_trace(matvec: MatVec, dim: int, rtol: float = 1e-2, max_samples: int = 1000,

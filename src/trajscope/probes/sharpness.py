@@ -17,9 +17,18 @@ Scalars (``<name>/<quantity>``, at STEP_END, when the parameters hold theta_step
 
 An optimizer without a known threshold (e.g. Muon) gets ``lambda_max``, ``residual`` and
 ``iterations`` only.
-Accuracy: Lanczos stops when the relative residual is below ``tol`` (default 1e-2) or after
-``max_iter`` products; each run is warm-started from the probe's previous top eigenvector (kept in
-:meth:`state_dict`), so a few Hessian-vector products usually suffice.
+Cost and accuracy: every measurement runs Lanczos until the relative residual is below ``tol``
+(default 1e-2) or ``max_iter`` products, warm-started from the probe's previous top eigenvector
+(kept in :meth:`state_dict`; the first one from a random vector). ``value_tol`` also stops once
+the estimated relative eigenvalue error rho^2 / (gap theta) is below it
+(:func:`~trajscope.functional.lanczos.value_error`). ``warm_iter=m`` caps a warm-started
+measurement at m >= 2 products (the top Ritz value of the m-step Krylov space of the previous
+vector); a Ritz value never exceeds lambda_max, so the error is an underestimate. Measured on
+mnist1d-cnn (SGD lr 0.1 momentum 0.9, the step's batch of 128, every 16 steps, 800 steps, against
+Lanczos to 1e-6): the defaults need 6.1 products on average, median relative error 4.5e-5 (max
+7.4e-4); ``value_tol=3e-3``: 5.2 products, median 5.9e-4 (max 3.6e-3); ``warm_iter=3``: 3.1
+products but median 6e-2 (max 0.36), because the top eigenvector of the step's minibatch Hessian
+turns a long way in 16 steps, so a short warm-started run is not accurate there.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class SharpnessProbe(BatchProbe):
     ``fixed_size`` training examples of ``ctx.data`` (the same set every time). ``every=n`` is a
     shorthand for ``schedule=every(n)``; the default schedule is the sparse log-spaced one of
     :class:`~trajscope.probes.base.Probe`. ``tol``, ``max_iter``: Lanczos stopping rule;
+    ``warm_iter``: the most products of a warm-started measurement (module docstring; None: as cold);
     ``method``, ``curvature``, ``train``: see :mod:`trajscope.functional.hessian`.
     """
 
@@ -51,10 +61,13 @@ class SharpnessProbe(BatchProbe):
 
     def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None,
                  data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2, max_iter: int = 30,
-                 method: str = "double-backward", curvature: str = "hessian", train: bool | None = True,
-                 seed: int = 0):
+                 warm_iter: int | None = None, method: str = "double-backward", curvature: str = "hessian",
+                 train: bool | None = True, seed: int = 0, value_tol: float | None = None):
         super().__init__(schedule, name, every=every, data=data, fixed_size=fixed_size)
-        self.tol, self.max_iter = tol, max_iter
+        if warm_iter is not None and warm_iter < 2:  # one product cannot move the warm vector
+            raise ValueError(f"warm_iter must be >= 2 or None, got {warm_iter}")
+        self.tol, self.max_iter, self.warm_iter = tol, max_iter, warm_iter
+        self.value_tol = value_tol
         self.kwargs = {"method": method, "curvature": curvature, "train": train}
         self.generator = torch.Generator().manual_seed(seed)
         self._vectors: dict[str, torch.Tensor] = {}
@@ -65,9 +78,10 @@ class SharpnessProbe(BatchProbe):
         dim = sum(p.numel() for _, p in trainable_parameters(ctx.model))
         if v0 is not None and v0.numel() != dim:
             v0 = None
-        eig = top_hessian_eigenvalues(ctx.model, ctx.loss_fn, batch, 1, tol=self.tol, max_iter=self.max_iter,
+        budget = self.max_iter if v0 is None or self.warm_iter is None else min(self.warm_iter, self.max_iter)
+        eig = top_hessian_eigenvalues(ctx.model, ctx.loss_fn, batch, 1, tol=self.tol, max_iter=budget,
                                       v0=v0, generator=self.generator, precondition=precondition,
-                                      **self.kwargs)
+                                      value_tol=self.value_tol, **self.kwargs)
         self._vectors[key] = eig.vectors[0].detach().clone()
         return float(eig.values[0]), float(eig.residuals[0]), eig.n_iter
 
