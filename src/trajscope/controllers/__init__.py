@@ -9,4 +9,5 @@ from trajscope.controllers import race as _race  # noqa: F401,E402
 from trajscope.controllers.base import LoopHooks, MemoryRun  # noqa: E402,F401
 from trajscope.controllers import stability as _stability  # noqa: F401,E402
 from trajscope.controllers import freeze as _freeze  # noqa: F401,E402
+from trajscope.controllers import prune as _prune  # noqa: F401,E402
 from trajscope.controllers import explr as _explr  # noqa: F401,E402

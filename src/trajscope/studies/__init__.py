@@ -15,3 +15,4 @@ from trajscope.studies import directional as _directional  # noqa: F401,E402
 from trajscope.studies import bn_only as _bn_only  # noqa: F401,E402
 from trajscope.studies import grokking as _grokking  # noqa: F401,E402
 from trajscope.studies import heavy_tail as _heavy_tail  # noqa: F401,E402
+from trajscope.studies import early_phase as _early_phase  # noqa: F401,E402
