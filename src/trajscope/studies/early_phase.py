@@ -132,7 +132,7 @@ class EarlyPhase(Study):
     title = "the early phase: IMP with rewinding, perturbations, pre-training, weight statistics"
     summary = "Frankle et al.: IMP rewinding to step k, perturbations at k, pre-training, early statistics (mnist1d-cnn)"
     paper = "Frankle, Schwab and Morcos, The early phase of neural network training, ICLR 2020"
-    expected_minutes = 35.0
+    expected_minutes = 5.0
 
     def run(self, ctx: StudyContext) -> StudyResult:
         s = settings(ctx.quick)

@@ -105,7 +105,7 @@ class ExpLR(Study):
     title = "weight decay at fixed learning rate = exponential learning rate without weight decay"
     summary = "Li & Arora: SGD+momentum+WD vs the equivalent exp schedule on mnist1d-cnn (cosine, agreement, norm)"
     paper = "Li and Arora, An exponential learning rate schedule for deep learning, ICLR 2020"
-    expected_minutes = 6.0
+    expected_minutes = 8.0
 
     def run(self, ctx: StudyContext) -> StudyResult:
         cfgs = configs(ctx.quick)

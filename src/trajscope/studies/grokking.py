@@ -91,7 +91,7 @@ class Grokking(Study):
     title = "grokking modular addition: weight decay against none"
     summary = "modadd-mlp with and without weight decay: train/test accuracy, trajectory map, eff. dim, kernel velocity"
     paper = "Gromov 2023, Grokking modular arithmetic (set-up); Power et al. 2022 (phenomenon)"
-    expected_minutes = 8.0
+    expected_minutes = 11.0
 
     def run(self, ctx: StudyContext) -> StudyResult:
         s = settings(ctx.quick)
