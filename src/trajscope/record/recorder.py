@@ -102,6 +102,7 @@ class Recorder:
         self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
         if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
             self._state = self._make_state(flat_max)
+            self._state.prime(self._local()[0])  # theta_{start}: the first update_norm after a resume
         self._step = start_step
         self.closed = False
         if record_start:

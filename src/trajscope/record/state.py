@@ -47,6 +47,14 @@ class FlatState:
         self._sketcher = sketcher
         self._matrix = sketcher.layout_matrix(layout, device) if sketcher is not None else None
 
+    @torch.no_grad()
+    def prime(self, tensors: list[Tensor]) -> None:
+        """Take ``tensors`` as theta_{t-1} of the next :meth:`update` (a recorder that starts from
+        a restored state without recording it, e.g. on resume)."""
+        tv, _ = self._views[self._cur]
+        if tv:
+            torch._foreach_copy_(tv, [t.detach() for t in tensors])
+
     @property
     def theta(self) -> Tensor:
         """(N,) float32: the tensors of the last :meth:`update`, concatenated (row-major each)."""
@@ -89,6 +97,12 @@ class TensorState:
         self._layout = layout
         self._sketcher = sketcher
         self._device = device
+
+    @torch.no_grad()
+    def prime(self, tensors: list[Tensor]) -> None:
+        """Take ``tensors`` as theta_{t-1} of the next :meth:`update`."""
+        if self._prev:
+            torch._foreach_copy_(self._prev, [t.detach() for t in tensors])
 
     def _sq(self, ts: list[Tensor]) -> Tensor:
         """Sum of squared L2 norms, float32 on the state's device (0 for no tensors)."""
