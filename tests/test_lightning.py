@@ -9,7 +9,6 @@ recorded number agrees to a relative 1e-5 over these few SGD steps.
 
 import pytest
 import torch
-from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 

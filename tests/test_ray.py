@@ -59,7 +59,10 @@ def test_ray_sweep_into_one_store_reports_failures_and_skips_finished_runs(clust
     local = run_configs(configs[:1], tmp_path / "local", progress=False)[0]
     assert local["run_id"] == results[0]["run_id"]
     with Run.open(results[0]["path"]) as a, Run.open(local["path"]) as b:
-        assert a.scalars().equals(b.scalars())
+        sa, sb = a.scalars(), b.scalars()
+        assert sa[["step", "name"]].equals(sb[["step", "name"]])
+        # float32 training in two processes: equal to rounding (bit-exact is not promised across them)
+        assert sa["value"].tolist() == pytest.approx(sb["value"].tolist(), rel=1e-5, abs=1e-7, nan_ok=True)
 
 
 def test_cli_sweep_reads_a_jsonl_file_and_runs_it_on_either_executor(cluster, tmp_path, capsys):

@@ -146,6 +146,7 @@ class Session:
         """Start recording ``model`` whose parameters hold theta_``start_step`` (0: a new run, whose
         initial state is recorded now; > 0: a resumed run, whose records after that step are
         dropped). ``config`` is the run's config where the constructor was given none."""
+        self._t0 = time.perf_counter()
         self.writer = _rank() == 0
         if self.writer:
             self.run = self._open_run(start_step, config)
