@@ -10,6 +10,5 @@ from trajscope.workloads import modadd as _modadd  # noqa: F401,E402
 from trajscope.workloads import cifar as _cifar  # noqa: F401,E402
 from trajscope.workloads import pretext as _pretext  # noqa: F401,E402
 from trajscope.workloads import zipf as _zipf  # noqa: F401,E402
-from trajscope.workloads import zipf as _zipf  # noqa: F401,E402
 
 __all__ = ["LOSSES", "Data", "Workload", "all_workloads", "get", "names", "register"]
