@@ -398,9 +398,13 @@ class Run:
             self.commit()
 
     def truncate_after(self, step: int) -> None:
-        """Forget everything recorded after ``step`` (used when resuming from a checkpoint)."""
+        """Forget everything recorded after ``step`` (used when resuming from a checkpoint): scalars,
+        sketches, snapshots and the controller decisions (events of kind ``controller``) of steps
+        after it, which describe a trajectory the resumed run replaces. The rest of the event log
+        (status changes, "resumed") is the run's history and stays."""
         self._require_writable()
         self._flush()
+        self._con.execute("DELETE FROM events WHERE kind = 'controller' AND step > ?", (step,))
         self._con.execute("DELETE FROM scalars WHERE step > ?", (step,))
         self._con.execute("DELETE FROM sketches WHERE step > ?", (step,))
         for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,)).fetchall():
