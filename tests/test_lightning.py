@@ -15,7 +15,7 @@ pl = pytest.importorskip("lightning.pytorch")
 import trajscope  # noqa: E402
 from trajscope import workloads  # noqa: E402
 from trajscope.integrations.lightning import TrajscopeCallback  # noqa: E402
-from trajscope.integrations.session import recorder_for  # noqa: E402
+from trajscope.train.trainer import recorder_for  # noqa: E402
 from trajscope.config import RecordConfig  # noqa: E402
 from trajscope.events import Event, StepContext  # noqa: E402
 from trajscope.probes.noise import NoiseProbe  # noqa: E402

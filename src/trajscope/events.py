@@ -97,6 +97,14 @@ class StepContext:
         return self.workload.loss_fn(logits, y)
 
 
+def missing_needs(needs, ctx: StepContext) -> list[str]:
+    """The entries of a probe's or controller's ``needs`` (``batch``, ``loss_fn``, ``optimizer``,
+    ``data``) that ``ctx`` lacks, sorted; an unknown need counts as missing."""
+    have = {"batch": ctx.batch is not None, "loss_fn": ctx.workload is not None,
+            "optimizer": ctx.optimizer is not None, "data": ctx.data is not None}
+    return sorted(n for n in needs if not have.get(n, False))
+
+
 class Callback:
     """Receives every event, like a Lightning callback: override ``on_<event>`` methods
     (``on_step_end(ctx)``, ``on_fit_start(ctx)``, ...) or ``on_event(event, ctx)`` itself."""

@@ -44,19 +44,13 @@ def train_one(config: dict[str, Any] | RunConfig, root: str | None, threads: int
         return {"status": "failed", "error": f"{type(e).__name__}: {e}", "workload": cfg.workload}
 
 
-def _run_path(cfg: RunConfig, root: str | None) -> Path:
-    from trajscope.store import run_id_for
-    from trajscope.store.paths import default_root, run_dir
-
-    return run_dir(root if root is not None else default_root(), run_id_for(cfg.model_dump(mode="json"), cfg.seed))
-
-
 def existing_status(cfg: RunConfig, root: str | None) -> str | None:
     """The status of the run that ``cfg`` names under ``root``, or None if there is none."""
     from trajscope.store import Run
     from trajscope.store.paths import is_run_dir
+    from trajscope.train.trainer import run_path
 
-    path = _run_path(cfg, root)
+    path = run_path(cfg, root)
     if not is_run_dir(path):
         return None
     with Run.open(path) as run:
@@ -66,8 +60,9 @@ def existing_status(cfg: RunConfig, root: str | None) -> str | None:
 def cached_summary(cfg: RunConfig, root: str | None) -> dict[str, Any]:
     from trajscope.store import Run
     from trajscope.train import summary
+    from trajscope.train.trainer import run_path
 
-    with Run.open(_run_path(cfg, root)) as run:
+    with Run.open(run_path(cfg, root)) as run:
         return summary(run, cached=True)
 
 

@@ -38,7 +38,7 @@ import dataclasses
 from typing import Any, Callable, ClassVar, Iterable
 
 from trajscope.errors import UsageError
-from trajscope.events import Callback, Event, StepContext
+from trajscope.events import Callback, Event, StepContext, missing_needs
 
 REGISTRY: dict[str, type["Controller"]] = {}
 
@@ -76,9 +76,7 @@ class Controller(Callback):
         """Fail with one line naming what the context lacks (checked once, at first use)."""
         if self._checked:
             return
-        have = {"batch": ctx.batch is not None, "loss_fn": ctx.workload is not None,
-                "optimizer": ctx.optimizer is not None, "data": ctx.data is not None}
-        missing = sorted(n for n in self.needs if not have.get(n, False))
+        missing = missing_needs(self.needs, ctx)
         if missing:
             raise UsageError(f"controller {self.name!r} needs {', '.join(missing)} in its context")
         self._checked = True

@@ -61,12 +61,11 @@ def _read(path) -> dict[str, Any]:
 
 
 def _train_candidates(configs: list[RunConfig], root, executor, jobs, address, progress) -> list[dict[str, Any]]:
-    from trajscope.store import run_id_for
-    from trajscope.store.paths import default_root, is_run_dir, run_dir
+    from trajscope.store.paths import is_run_dir
     from trajscope.sweep import run_configs
+    from trajscope.train.trainer import run_path
 
-    base = root if root is not None else default_root()
-    paths = [run_dir(base, run_id_for(c.model_dump(mode="json"), c.seed)) for c in configs]
+    paths = [run_path(c, root) for c in configs]
     todo = [i for i, p in enumerate(paths)
             if not (is_run_dir(p) and _read(p)["status"] in ("stopped", "finished", "diverged"))]
     results = run_configs([configs[i] for i in todo], root=root, executor=executor, jobs=jobs, address=address,

@@ -33,25 +33,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from trajscope import schedules as S
 from trajscope.config import CallbackSpec, RecordConfig
 from trajscope.errors import DivergedError, UsageError
 from trajscope.events import Callback, Event, StepContext
 from trajscope.record import Recorder
 from trajscope.store import Run
-
-
-def recorder_for(model: nn.Module, run: Run, rec: RecordConfig, start_step: int = 0) -> Recorder:
-    """The :class:`Recorder` that ``rec`` describes, without its own checkpoints (the framework owns
-    those); it records the state at ``start_step`` only for a new run (``start_step`` 0)."""
-    from trajscope.train.trainer import snapshot_schedule
-
-    snaps = snapshot_schedule(rec)
-    return Recorder(model, run, scalars=S.every(rec.scalars_every), snapshots=snaps,
-                    params=list(rec.params) if rec.params else None, grads=snaps if rec.grads else None,
-                    optimizer_state=snaps if rec.optimizer_state else None, buffers=snaps if rec.buffers else None,
-                    checkpoints=None, sketch_dim=rec.sketch_dim, sketch_seed=rec.sketch_seed,
-                    start_step=start_step, record_start=start_step == 0)
 
 
 def as_record_config(record: RecordConfig | str | Mapping[str, Any] | None) -> RecordConfig:
@@ -161,6 +147,8 @@ class Session:
                                  "supported in a distributed Lightning or Hugging Face run")
             self._active = []  # probes measure and write on rank 0
         self._params = [p for _, p in model.named_parameters()]
+        from trajscope.train.trainer import recorder_for
+
         self.rec = recorder_for(model, self.run, self.record, start_step)
         self.ctx = StepContext(self.run.config if self.run is not None else {}, self.run, model, optimizer,
                                self.workload, self.data, step=start_step)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from trajscope import schedules as S
 from trajscope.errors import UsageError
-from trajscope.events import Callback, Event, StepContext
+from trajscope.events import Callback, Event, StepContext, missing_needs
 
 REGISTRY: dict[str, type["Probe"]] = {}
 
@@ -71,9 +71,7 @@ class Probe(Callback):
         return self.measure(ctx)
 
     def check(self, ctx: StepContext) -> None:
-        have = {"batch": ctx.batch is not None, "loss_fn": ctx.workload is not None,
-                "optimizer": ctx.optimizer is not None, "data": ctx.data is not None}
-        missing = sorted(n for n in self.needs if not have.get(n, False))
+        missing = missing_needs(self.needs, ctx)
         if missing:
             raise UsageError(f"probe {self.name!r} needs {', '.join(missing)} in its context")
 

@@ -43,6 +43,27 @@ def checkpoint_schedule(rec: RecordConfig, steps: int) -> S.Schedule:
     return (S.every(every) & ~S.at([0])) | S.at([steps])
 
 
+def recorder_for(model: nn.Module, run: Run, rec: RecordConfig, start_step: int = 0) -> Recorder:
+    """The :class:`Recorder` that ``rec`` describes, without checkpoints of its own (the Trainer, or
+    the framework of an integration, writes those once every callback has finished the step); it
+    records the state at ``start_step`` only for a new run (``start_step`` 0)."""
+    snaps = snapshot_schedule(rec)
+    return Recorder(model, run, scalars=S.every(rec.scalars_every), snapshots=snaps,
+                    params=list(rec.params) if rec.params else None, grads=snaps if rec.grads else None,
+                    optimizer_state=snaps if rec.optimizer_state else None, buffers=snaps if rec.buffers else None,
+                    checkpoints=None, sketch_dim=rec.sketch_dim, sketch_seed=rec.sketch_seed,
+                    start_step=start_step, record_start=start_step == 0)
+
+
+def run_path(config: RunConfig, root: str | os.PathLike | None = None):
+    """The directory of the run that ``config`` names under ``root`` (default ./runs), whether or not
+    it exists yet."""
+    from trajscope.store import run_id_for
+    from trajscope.store.paths import default_root, run_dir
+
+    return run_dir(root if root is not None else default_root(), run_id_for(config.model_dump(mode="json"), config.seed))
+
+
 def build_callbacks(config: RunConfig) -> list[Callback]:
     """The probes, then the controllers, that ``config`` names (see :class:`CallbackSpec`); an
     unknown kind or a bad option is a one-line UsageError."""
@@ -163,11 +184,9 @@ class Trainer:
             raise
 
     def _existing(self) -> dict[str, Any] | None:
-        from trajscope.store import run_id_for
-        from trajscope.store.paths import default_root, is_run_dir, run_dir
+        from trajscope.store.paths import is_run_dir
 
-        root = self.root if self.root is not None else default_root()
-        path = run_dir(root, run_id_for(self.config.model_dump(mode="json"), self.config.seed))
+        path = run_path(self.config, self.root)
         if self.overwrite or self.resume or not is_run_dir(path):
             return None
         run = Run.open(path)
@@ -203,13 +222,7 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)  # the same RNG stream whether or not a checkpoint was read
         sampler = BatchSampler(len(data.x_train), cfg.batch_size, cfg.seed)
-        rec = Recorder(model, run, scalars=S.every(rec_cfg.scalars_every), snapshots=snapshot_schedule(rec_cfg),
-                       params=list(rec_cfg.params) if rec_cfg.params else None,
-                       grads=snapshot_schedule(rec_cfg) if rec_cfg.grads else None,
-                       optimizer_state=snapshot_schedule(rec_cfg) if rec_cfg.optimizer_state else None,
-                       buffers=snapshot_schedule(rec_cfg) if rec_cfg.buffers else None,
-                       checkpoints=S.never(), sketch_dim=rec_cfg.sketch_dim,
-                       sketch_seed=rec_cfg.sketch_seed, start_step=start, record_start=start == 0)
+        rec = recorder_for(model, run, rec_cfg, start)
         checkpoints = checkpoint_schedule(rec_cfg, cfg.steps)
         ctx = StepContext(cfg, run, model, optimizer, wl, data, step=start)
         self._emit(Event.INIT, ctx)
@@ -252,12 +265,12 @@ class Trainer:
                     self._emit(Event.EVAL_END, ctx)
                     if not math.isfinite(ctx.metrics["val_loss"]):
                         rec._diverge(step, "validation loss is not finite", {})
-                if checkpoints(step):  # after every callback has finished the step, so their state is whole
-                    rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
                 stopper = next((cb for cb in callbacks if getattr(cb, "stop_requested", False)), None)
-                if stopper is not None:  # e.g. the early race: checkpointed here, so resume continues it
-                    if not checkpoints(step):
-                        rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
+                # After every callback has finished the step, so their state is whole; a stopped run
+                # (e.g. a loser of the early race) is checkpointed too, so that resume continues it.
+                if checkpoints(step) or stopper is not None:
+                    rec.save_checkpoint(optimizer, {"callbacks": _callback_states(callbacks)}, step=step)
+                if stopper is not None:
                     bar.close()
                     run.set_meta(wall_s=time.perf_counter() - t0)
                     rec.close("stopped")
