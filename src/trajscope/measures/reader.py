@@ -7,6 +7,9 @@ byte range, which ``os.preadv`` copies into the destination (the float32 case, n
 about 100x faster here than slicing the memory map that ``safetensors.safe_open`` returns, whose
 page faults dominated the exact Gram pass.  Nothing is executed from the file; any inconsistency
 raises ValueError (the caller turns it into the store's CorruptRunError).
+
+A snapshot in a pack (``Run.snapshot_span``) is such a file at a byte offset of a larger one:
+``start`` and ``size`` say where, and every offset is taken from there.
 """
 
 from __future__ import annotations
@@ -51,16 +54,17 @@ def column_blocks(shapes: Sequence[tuple[str, tuple[int, ...]]], max_elems: int)
     return blocks
 
 
-def read_header(fd: int) -> tuple[int, dict]:
-    """(byte offset of the data, {name: entry}) of an open safetensors file; checks every entry."""
-    size = os.fstat(fd).st_size
-    raw = os.pread(fd, 8, 0)
-    if len(raw) < 8:
+def read_header(fd: int, start: int = 0, size: int | None = None) -> tuple[int, dict]:
+    """(byte offset of the data in the file, {name: entry}) of the safetensors file in bytes
+    ``start .. start + size`` of an open file (default: all of it); checks every entry."""
+    size = os.fstat(fd).st_size - start if size is None else size
+    raw = os.pread(fd, 8, start)
+    if len(raw) < 8 or size < 8:
         raise ValueError("file shorter than its header")
     n = struct.unpack("<Q", raw)[0]
     if n > min(MAX_HEADER, size - 8):
         raise ValueError(f"header length {n} exceeds the file")
-    header = json.loads(os.pread(fd, n, 8))
+    header = json.loads(os.pread(fd, n, start + 8))
     header.pop("__metadata__", None)
     base = 8 + n
     for name, e in header.items():
@@ -70,7 +74,7 @@ def read_header(fd: int) -> tuple[int, dict]:
         itemsize = torch.empty(0, dtype=DTYPES[e["dtype"]]).element_size()
         if not 0 <= a <= b <= size - base or b - a != int(np.prod(e["shape"], dtype=np.int64)) * itemsize:
             raise ValueError(f"tensor {name!r} has inconsistent offsets")
-    return base, header
+    return start + base, header
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -102,13 +106,14 @@ def read_rows(fd: int, base: int, entry: dict, r0: int | None, r1: int | None, o
         out.copy_(torch.frombuffer(tmp, dtype=dtype))
 
 
-def read_pieces(path, pieces: Sequence[tuple], out: Tensor, header: tuple[int, dict] | None = None
-                ) -> tuple[int, dict]:
-    """Read ``pieces`` ``(name, row0, row1, offset, numel)`` of the file at ``path`` into
-    ``out[offset:offset+numel]``; returns the parsed header (pass it back to skip re-parsing)."""
+def read_pieces(path, pieces: Sequence[tuple], out: Tensor, header: tuple[int, dict] | None = None,
+                start: int = 0, size: int | None = None) -> tuple[int, dict]:
+    """Read ``pieces`` ``(name, row0, row1, offset, numel)`` of the file at ``path`` (the one in
+    bytes ``start .. start + size``, see :func:`read_header`) into ``out[offset:offset+numel]``;
+    returns the parsed header (pass it back to skip re-parsing)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        base, entries = header if header is not None else read_header(fd)
+        base, entries = header if header is not None else read_header(fd, start, size)
         for name, r0, r1, off, n in pieces:
             if name not in entries:
                 raise ValueError(f"no tensor {name!r}")

@@ -133,9 +133,10 @@ class Trajectory:
 
         step = int(self.snapshot_steps[0])
         try:
-            fd = os.open(self.snapshot_path(step), os.O_RDONLY)
+            path, start, size = self.snapshot_span(step)
+            fd = os.open(path, os.O_RDONLY)
             try:
-                _, entries = read_header(fd)
+                _, entries = read_header(fd, start, size)
             finally:
                 os.close(fd)
             shapes = {k: tuple(e["shape"]) for k, e in entries.items()}
@@ -231,8 +232,12 @@ class Trajectory:
 
     # ------------------------------------------------------------------ reading snapshots
     def snapshot_path(self, step: int) -> Path:
+        return self.snapshot_span(step)[0]
+
+    def snapshot_span(self, step: int) -> tuple[Path, int, int | None]:
+        """(file, byte offset, size or None) of the snapshot at ``step`` (``Run.snapshot_span``)."""
         try:
-            return self.run.snapshot_path(int(step), self.kind)
+            return self.run.snapshot_span(int(step), self.kind)
         except KeyError as e:
             raise CorruptRunError(str(e).strip("'\"")) from None
 
@@ -281,7 +286,8 @@ class Trajectory:
 
         step = int(step)
         try:
-            self._headers[step] = read_pieces(self.snapshot_path(step), pieces, out, self._headers.get(step))
+            path, start, size = self.snapshot_span(step)
+            self._headers[step] = read_pieces(path, pieces, out, self._headers.get(step), start, size)
         except CorruptRunError:
             raise
         except Exception as e:  # noqa: BLE001 - missing/corrupt file, missing tensor, wrong shape

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trajscope.errors import CorruptRunError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: snapshots.byte_offset (snapshots packed into one file)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS scalars (
 CREATE TABLE IF NOT EXISTS sketches (step INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     step INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, nbytes INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (step, kind)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, time REAL NOT NULL,
@@ -51,6 +52,8 @@ def connect(path: Path, create: bool = False) -> sqlite3.Connection:
         con.execute("PRAGMA journal_mode=WAL")
         if create:
             con.executescript(SCHEMA)
+            if not has_byte_offsets(con):  # a run written before snapshots were packed
+                con.execute("ALTER TABLE snapshots ADD COLUMN byte_offset INTEGER NOT NULL DEFAULT 0")
             con.commit()
         else:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -60,6 +63,12 @@ def connect(path: Path, create: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as e:
         raise CorruptRunError(f"{path} is not a readable run database: {e}") from None
     return con
+
+
+def has_byte_offsets(con: sqlite3.Connection) -> bool:
+    """Whether the snapshot index has the ``byte_offset`` column (schema 2; older runs read as 0:
+    every snapshot a file of its own)."""
+    return any(row[1] == "byte_offset" for row in con.execute("PRAGMA table_info(snapshots)"))
 
 
 def durable(con: sqlite3.Connection) -> None:

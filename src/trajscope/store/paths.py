@@ -5,8 +5,11 @@
     <root>/<run-id>/
         run.db                      SQLite (WAL): meta, scalars, sketches, snapshot index, events
         run.lock                    held (flock) by the one process that writes the run
-        snapshots/<kind>-<step>.safetensors   one file per snapshot; kind: params, grads,
-                                    optim, buffers, checkpoint
+        snapshots/<kind>-<step>.safetensors   a snapshot in a file of its own; kind: params,
+                                    grads, optim, buffers, checkpoint
+        snapshots/pack-<first>-<last>[-<n>].safetensors-pack   small snapshots of steps
+                                    first..last, whole safetensors files one after another
+                                    (the index gives each one's byte range)
         results/<name>.safetensors  tensors of a stored analysis result (its JSON is in run.db)
 """
 
@@ -47,6 +50,20 @@ def snapshot_dir(run_dir: Path) -> Path:
 def snapshot_relpath(kind: str, step: int) -> str:
     """Path of a snapshot file relative to the run directory (what the index stores)."""
     return f"{SNAPSHOT_DIR}/{kind}-{step:09d}.safetensors"
+
+
+PACK_PREFIX = "pack-"
+PACK_SUFFIX = ".safetensors-pack"
+
+
+def pack_relpath(first: int, last: int, n: int = 0) -> str:
+    """Path of a snapshot pack relative to the run directory; ``n`` > 0 tells apart packs of the
+    same steps (a re-recorded range after a resume)."""
+    return f"{SNAPSHOT_DIR}/{PACK_PREFIX}{first:09d}-{last:09d}{f'-{n}' if n else ''}{PACK_SUFFIX}"
+
+
+def is_pack(relpath: str) -> bool:
+    return relpath.endswith(PACK_SUFFIX)
 
 
 def result_relpath(name: str) -> str:

@@ -26,8 +26,9 @@ import torch
 
 from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
 from trajscope.store import paths
-from trajscope.store.db import SCHEMA_VERSION, connect, durable
-from trajscope.store.tensors import encode_tensors, load_state, load_tensors, save_state, save_tensors, write_atomic
+from trajscope.store.db import SCHEMA_VERSION, connect, durable, has_byte_offsets
+from trajscope.store.tensors import (encode_tensors, load_tensors, load_tensors_range, save_state, save_tensors,
+                                     state_from, write_atomic)
 
 STATUSES = ("running", "finished", "crashed", "diverged", "stopped")  # stopped: a callback asked, resumable
 
@@ -106,6 +107,7 @@ class Run:
     """A run directory. Use :meth:`create` (to write) or :meth:`open` (to read)."""
 
     background_min_bytes = 1 << 20  # snapshots at least this big are written on a background thread
+    pack_max_bytes = 32 << 20  # a pack of smaller snapshots is written once it holds this many bytes
 
     def __init__(self, path: Path, con: sqlite3.Connection, lock: _Lock | None):
         self.path = Path(path)
@@ -119,7 +121,12 @@ class Run:
         # the recorder's cost on small models; readers of this object flush them first.
         self._scalar_rows: list[tuple[int, str, float]] = []
         self._sketch_rows: list[tuple[int, bytes]] = []
-        self._snapshot_rows: list[tuple[int, str, str, int]] = []  # files already whole on disk
+        self._snapshot_rows: list[tuple[int, str, str, int, int]] = []  # in files already whole on disk
+        # Small snapshots wait here (step, kind, bytes of the file) and are written together, one
+        # pack file per commit: creating a file costs more than writing 50 kB (see write_snapshot).
+        self._pack: list[tuple[int, str, bytes]] = []
+        self._pack_bytes = 0
+        self._offsets = has_byte_offsets(con)  # False: a run from before packs (read-only)
 
     # ---------------------------------------------------------------- creating and opening
     @classmethod
@@ -322,17 +329,25 @@ class Run:
         """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``;
         or a list of bytes-like parts, e.g. a header and a tensor's buffer, which are read before
         this returns) as the ``kind`` snapshot of ``step``, on the background thread, indexed as
-        :meth:`save_snapshot` with ``background=True`` says. Files under
-        :attr:`background_min_bytes` are written at once on the calling thread instead (indexed at
-        the next commit all the same)."""
+        :meth:`save_snapshot` with ``background=True`` says, and return its path.
+
+        Files under :attr:`background_min_bytes` are copied and kept until the next commit instead
+        (or until :attr:`pack_max_bytes` wait), which writes them one after another into one pack
+        file (temporary name, rename, then the index rows with each one's byte range); None is
+        returned. Creating a file (~0.1-1 ms on a shared disk) costs more than writing a small
+        model's snapshot, and a commit at most once a second packs the dense early snapshots
+        into a few files. A process killed before the commit loses them, as it loses the scalars
+        of those steps."""
         self._require_writable()
-        rel = paths.snapshot_relpath(kind, int(step))
         parts = data if isinstance(data, (list, tuple)) else [data]
         if sum(memoryview(p).nbytes for p in parts) < self.background_min_bytes:
-            # A small file costs its syscalls (~0.3 ms), less than waking a thread that then
-            # competes for the GIL; the row waits for the next commit like the scalars.
-            self._snapshot_rows.append((int(step), kind, rel, write_atomic(self.path / rel, data)))
-            return self.path / rel
+            blob = b"".join(parts)  # a copy the caller cannot change
+            self._pack.append((int(step), kind, blob))
+            self._pack_bytes += len(blob)
+            if self._pack_bytes >= self.pack_max_bytes:
+                self._write_pack()
+            return None
+        rel = paths.snapshot_relpath(kind, int(step))
         if self._writer is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -340,6 +355,22 @@ class Run:
         data = data if isinstance(data, bytes) else b"".join(parts)  # a copy the caller cannot change
         self._pending.append((self._writer.submit(write_atomic, self.path / rel, data), int(step), kind, rel))
         return self.path / rel
+
+    def _write_pack(self) -> None:
+        """Write the waiting small snapshots as one pack file and queue their index rows."""
+        if not self._pack:
+            return
+        steps = [step for step, _, _ in self._pack]
+        n, rel = 0, paths.pack_relpath(min(steps), max(steps))
+        while os.path.exists(self.path / rel):  # a pack of the same steps from before a resume
+            n += 1
+            rel = paths.pack_relpath(min(steps), max(steps), n)
+        write_atomic(self.path / rel, [blob for _, _, blob in self._pack])
+        offset = 0
+        for step, kind, blob in self._pack:
+            self._snapshot_rows.append((step, kind, rel, len(blob), offset))
+            offset += len(blob)
+        self._pack, self._pack_bytes = [], 0
 
     def _drain(self, wait: bool) -> None:
         """Index the background snapshot files that are written (all of them if ``wait``)."""
@@ -372,7 +403,9 @@ class Run:
                           (step, time.time(), kind, message, None if data is None else json.dumps(data)))
 
     def _flush(self) -> None:
-        """Write the queued scalar and sketch rows into the current transaction."""
+        """Write the waiting pack and the queued scalar, sketch and snapshot rows into the current
+        transaction."""
+        self._write_pack()
         if self._scalar_rows:
             self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
                                   self._scalar_rows)
@@ -381,8 +414,8 @@ class Run:
             self._con.executemany("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", self._sketch_rows)
             self._sketch_rows = []
         if self._snapshot_rows:
-            self._con.executemany("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes) VALUES (?, ?, ?, ?)",
-                                  self._snapshot_rows)
+            self._con.executemany("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes, byte_offset) "
+                                  "VALUES (?, ?, ?, ?, ?)", self._snapshot_rows)
             self._snapshot_rows = []
 
     def commit(self) -> None:
@@ -407,9 +440,11 @@ class Run:
         self._con.execute("DELETE FROM events WHERE kind = 'controller' AND step > ?", (step,))
         self._con.execute("DELETE FROM scalars WHERE step > ?", (step,))
         self._con.execute("DELETE FROM sketches WHERE step > ?", (step,))
-        for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,)).fetchall():
-            (self.path / rel).unlink(missing_ok=True)
+        gone = {rel for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,))}
         self._con.execute("DELETE FROM snapshots WHERE step > ?", (step,))
+        kept = {rel for (rel,) in self._con.execute("SELECT DISTINCT path FROM snapshots")}
+        for rel in gone - kept:  # a pack that still holds earlier steps stays
+            (self.path / rel).unlink(missing_ok=True)
         self.commit()
 
     def _remove_temporaries(self) -> None:
@@ -460,23 +495,37 @@ class Run:
         return [r[0] for r in self._con.execute("SELECT DISTINCT kind FROM snapshots ORDER BY kind")]
 
     def snapshot_path(self, step: int, kind: str = "params") -> Path:
-        """The file of a snapshot (it may be missing or corrupt: :meth:`load_snapshot` checks)."""
-        return self._snapshot_file(step, kind)
+        """The file that holds a snapshot: its own, or a pack (see :meth:`snapshot_span`). It may
+        be missing or corrupt: :meth:`load_snapshot` checks."""
+        return self.snapshot_span(step, kind)[0]
 
-    def _snapshot_file(self, step: int, kind: str) -> Path:
+    def snapshot_span(self, step: int, kind: str = "params") -> tuple[Path, int, int | None]:
+        """(file, byte offset, size in bytes or None for the whole file) of a snapshot: the bytes
+        of one safetensors file, which is either a file of its own (offset 0, None) or one of the
+        files one after another in a pack. KeyError if there is no such snapshot."""
         step = int(step)
         self._flush()
-        row = self._con.execute("SELECT path FROM snapshots WHERE step = ? AND kind = ?", (step, kind)).fetchone()
+        offset = "byte_offset" if self._offsets else "0"
+        row = self._con.execute(f"SELECT path, nbytes, {offset} FROM snapshots WHERE step = ? AND kind = ?",
+                                (step, kind)).fetchone()
         if row is None:
             raise KeyError(f"run {self.id} has no {kind} snapshot at step {step}")
-        return self.path / row[0]
+        rel, nbytes, start = row
+        return self.path / rel, int(start), (int(nbytes) if paths.is_pack(rel) else None)
+
+    def _load(self, step: int, kind: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        path, start, nbytes = self.snapshot_span(step, kind)
+        if nbytes is None:
+            return load_tensors(path)
+        return load_tensors_range(path, start, nbytes, f"the {kind} snapshot of step {int(step)}")
 
     def load_snapshot(self, step: int, kind: str = "params") -> dict[str, torch.Tensor]:
         """The named tensors of a snapshot; a missing or corrupt file raises CorruptRunError naming it."""
-        return load_tensors(self._snapshot_file(step, kind))[0]
+        return self._load(step, kind)[0]
 
     def load_state(self, step: int, kind: str = "checkpoint") -> Any:
-        return load_state(self._snapshot_file(step, kind))
+        """A nested state (checkpoint, optimizer state) saved by :meth:`save_state`."""
+        return state_from(*self._load(step, kind), self.snapshot_path(step, kind))
 
     def save_result(self, name: str, data: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Store an analysis result: JSON-serializable ``data`` and optional named ``tensors``.

@@ -72,8 +72,8 @@ def write_atomic(path: Path, data) -> int:
     """Write ``data`` (bytes, or a list of bytes-like parts written one after another, so that a
     caller need not join them) to a temporary name and rename it to ``path``; return its size.
 
-    Plain ``os`` calls (no file object, the folder made only when missing): on small models the
-    per-file cost, not the bytes, is what a snapshot costs.
+    Plain ``os`` calls (no file object, the folder made only when missing, the parts in
+    ``writev`` calls): on small models the per-file cost, not the bytes, is what a snapshot costs.
     """
     parts = [memoryview(p).cast("B") for p in (data if isinstance(data, (list, tuple)) else [data])]
     tmp = str(temporary_path(Path(path)))
@@ -84,14 +84,25 @@ def write_atomic(path: Path, data) -> int:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
-        for view in parts:
-            done = 0
-            while done < len(view):  # os.write may write less than asked
-                done += os.write(fd, view[done:])
+        _write_all(fd, parts)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     return sum(len(v) for v in parts)
+
+
+_IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every byte of ``views`` in order (``writev`` may write less than asked)."""
+    views = [v for v in views if len(v)]
+    while views:
+        done = os.writev(fd, views[:_IOV_MAX]) if hasattr(os, "writev") else os.write(fd, views[0])
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> int:
@@ -129,6 +140,42 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptRunError(f"snapshot file {path} is corrupt: {str(e).splitlines()[0]}") from None
+    return tensors, meta
+
+
+def load_tensors_range(path: Path, offset: int, nbytes: int, what: str
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read the safetensors file that fills bytes ``offset .. offset + nbytes`` of ``path`` (a
+    snapshot in a pack), with safetensors' own loader; errors name the file and ``what`` it is."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CorruptRunError(f"snapshot file {path} is missing ({what})") from None
+    try:
+        chunks, got = [], 0
+        while got < nbytes:
+            chunk = os.pread(fd, nbytes - got, offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) != nbytes:
+        raise CorruptRunError(f"snapshot file {path} is corrupt: {what} (bytes {offset}-{offset + nbytes}) "
+                              f"ends after {len(data)} bytes")
+    try:
+        from safetensors.torch import load
+
+        tensors = load(data)
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        meta = header.pop("__metadata__", None) or {}
+        tensors = {k: tensors[k] for k in sorted(header, key=lambda k: header[k]["data_offsets"])}  # file order
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CorruptRunError(f"snapshot file {path} is corrupt: {what}: {str(e).splitlines()[0]}") from None
     return tensors, meta
 
 
@@ -186,7 +233,11 @@ def save_state(path: Path, state: Any) -> int:
 
 
 def load_state(path: Path) -> Any:
-    tensors, meta = load_tensors(path)
+    return state_from(*load_tensors(path), path)
+
+
+def state_from(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str], path) -> Any:
+    """The nested state of a file's ``tensors`` and ``meta`` (from :func:`save_state`)."""
     if "skeleton" not in meta:
         raise CorruptRunError(f"snapshot file {path} holds no state skeleton")
     return unflatten_state(json.loads(meta["skeleton"]), tensors)
