@@ -11,7 +11,7 @@ from trajscope.config import RecordConfig, RunConfig
 from trajscope.controllers import curvature_lr as CL
 from trajscope.controllers.lr_common import Compute, ShortLoop
 from trajscope.controllers.lr_select import RESULT, select_lr
-from trajscope.controllers.race import loss_slope, mean_cosine, race_decision
+from trajscope.controllers.race import loss_slope, mean_cosine, race_decision, recent_loss
 from trajscope.controllers.range_test import range_test
 from trajscope.errors import UsageError
 from trajscope.functional import lr_range
@@ -136,16 +136,20 @@ def test_compute_step_equivalents():
 # ---- the race ----------------------------------------------------------------------------------
 
 def test_race_rule():
-    base = {"loss_slope": -0.01, "stability_ratio": 0.5}
-    cands = [{**base, "lr": 0.1, "val_loss": 1.00, "update_mds": 0.9},
-             {**base, "lr": 0.2, "val_loss": 1.03, "update_mds": 0.7},
-             {**base, "lr": 0.4, "val_loss": 0.99, "update_mds": 0.8, "stability_ratio": 2.5},
-             {"lr": 0.8, "diverged": True}]
+    base = {"first_loss": 2.3, "val_loss": 1.0}
+    cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.03},
+             {**base, "lr": 0.4, "loss": 0.99, "stability_ratio": 2.5}, {"lr": 0.8, "diverged": True},
+             {**base, "lr": 1.6, "loss": 2.5}]
     d = race_decision(cands, tol=0.05)
-    assert d["winner"] == 1 and d["verdicts"][2].startswith("out: stability") and d["verdicts"][3] == "out: diverged"
+    assert d["winner"] == 1 and d["keep"] == [1] and d["verdicts"][2].startswith("out: stability")
+    assert d["verdicts"][3] == "out: diverged" and d["verdicts"][4].startswith("out: no progress")
+    assert race_decision(cands, tol=0.01)["winner"] == 0  # 1.03 is not within 1% of 1.00
+    assert race_decision(cands, tol=0.01, key="val_loss")["winner"] == 1  # equal val losses: the larger rate
     with pytest.raises(UsageError):
         race_decision([{"lr": 1.0, "diverged": True}])
     assert loss_slope([math.exp(-0.1 * t) for t in range(20)]) == pytest.approx(-0.1)
+    assert recent_loss([9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 2.0, 4.0]) == 3.0  # the last quarter: 2 of 8
+    assert recent_loss([5.0, 7.0]) == 7.0
     assert mean_cosine(torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])) == pytest.approx(
         (2 * (2 ** -0.5) + 0.0) / 3)
 
@@ -159,7 +163,8 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
     from trajscope.train import Trainer
 
     cfg = _race_cfg()
-    sel = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3)
+    sel = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
+                     sharpness=True)
     at = sel.evidence["race_steps"]
     assert at == 12 and sel.run["status"] == "finished" and sel.run["steps"] == 60
     # the same steps as a plain run at the winning rate (no race controller, never stopped)
@@ -197,8 +202,65 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
     assert sel.total_step_equivalents == pytest.approx(
         sel.choose.steps + 2 * sel.choose.hvps * sel.choose.hvp_examples / cfg.batch_size + 60)
     # a second call reads the candidates from the store instead of training them again
-    again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3)
+    again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
+                     sharpness=True)
     assert again.lr == sel.lr and again.run["run_id"] == sel.run["run_id"]
+
+
+def test_successive_halving_race_resumes_through_rungs_bit_identically(tmp_path):
+    from trajscope.train import Trainer
+
+    cfg = _race_cfg()
+    sel = select_lr(cfg, "early-race", root=tmp_path, progress=False, rungs=(0.1, 0.25), candidates=4, warmup=5,
+                     sharpness=True)
+    ev = sel.evidence
+    assert ev["rungs"] == [6, 15] and sel.run["status"] == "finished" and sel.run["steps"] == 60
+    first, second = ev["rung_decisions"]
+    assert len(first["candidates"]) == 4 and len(first["kept"]) == 2 and len(second["kept"]) == 1
+    assert second["kept"][0] == ev["winner"] and ev["winner"] in first["kept"]
+    # the sharpness (asked for) is measured at the last rung only
+    assert all(c["stability_ratio"] is None and c["hvps"] == 0 for c in first["candidates"])
+    assert all(c["hvps"] > 0 for c in second["candidates"])
+    plain = Trainer(cfg.model_copy(update={"lr": sel.lr}), root=tmp_path / "plain", progress=False).fit()
+    a, b = Run.open(sel.run["path"]), Run.open(plain["path"])
+    try:
+        sa, sb = a.load_state(60, "checkpoint")["model"], b.load_state(60, "checkpoint")["model"]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.scalars(["loss"], wide=True)["loss"].tolist() == b.scalars(["loss"], wide=True)["loss"].tolist()
+    finally:
+        a.close(), b.close()
+    # each loser ran to the rung it lost at: two at step 6, one at step 15
+    steps = []
+    for i, rid in enumerate(sel.extra["race_runs"]):
+        if i == ev["winner"]:
+            continue
+        r = Run.open(tmp_path / rid)
+        try:
+            assert r.status == "stopped"
+            steps.append(r.last_step())
+        finally:
+            r.close()
+    assert sorted(steps) == [6, 6, 15] and sorted(ev["losers_steps"].values()) == [6, 6, 15]
+    assert sel.choose.steps == ev["curvature"]["warmup_steps"] + 27
+    race_hvps = sum(c["hvps"] for c in second["candidates"])
+    assert sel.choose.hvps == ev["curvature"]["hvps"] + race_hvps
+    # a second call reads every candidate from the store (nothing trained again)
+    again = select_lr(cfg, "early-race", root=tmp_path, progress=False, rungs=(0.1, 0.25), candidates=4, warmup=5,
+                     sharpness=True)
+    assert again.lr == sel.lr and again.run["run_id"] == sel.run["run_id"]
+    assert again.choose.steps == sel.choose.steps
+
+
+def test_race_rule_keeps_the_tied_largest_rates_first():
+    base = {"first_loss": 2.3, "val_loss": 1.0}
+    cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.04},
+             {**base, "lr": 0.4, "loss": 1.20}, {**base, "lr": 0.8, "loss": 0.9, "diverged": True}]
+    d = race_decision(cands, tol=0.05, keep=2)
+    assert d["keep"] == [1, 0] and d["winner"] == 1 and d["verdicts"][3] == "out: diverged"
+    assert race_decision(cands, tol=0.5, keep=3)["keep"] == [2, 1, 0]
+    assert race_decision(cands, tol=0.0, keep=3)["keep"] == [0, 1, 2]  # no tie: by training loss
+    with pytest.raises(UsageError):
+        race_decision(cands, keep=0)
 
 
 def test_range_test_and_curvature_store_their_decision(tmp_path):

@@ -6,7 +6,13 @@ BatchNorm in train mode without side effects), for Adam/AdamW of the preconditio
 P^{-1/2} H P^{-1/2} (P Adam's sqrt(v_hat) + eps, :func:`~trajscope.functional.hessian.adam_preconditioner`). ``T`` is the rate-free
 part of the optimizer's stability threshold, ``stability_threshold(optimizer) * lr``: 2 for plain
 SGD, 2 + 2 beta for heavy-ball momentum beta, (2 + 2 beta1) / (1 - beta1) for Adam. The ratio
-``r = eta lambda / T`` is the stability ratio: r = 1 is the edge of stability.
+``r = eta lambda / T`` is the stability ratio: r = 1 is the edge of stability. SGD's weight decay is
+an L2 term in its gradient, so it adds ``weight_decay`` to every eigenvalue of the loss Hessian:
+for SGD ``lambda`` is the loss Hessian's top eigenvalue plus ``weight_decay``
+(:func:`coupled_weight_decay`; without it a workload with a large L2 term and a flat loss at init,
+modadd-mlp with weight decay 5, gets a warm-up rate far beyond the decay's own limit 2 / wd and
+diverges). AdamW's decay is decoupled and left out; Adam's L2 term is preconditioned with the loss
+and left out too (documented, not modelled).
 
 Regime boundaries in r (reported with every choice, :func:`regimes`): r < 1 stable (lazy in the
 catapult picture, eta < 2/lambda_0); 1 < r < 2 catapult (theory: eta_max = 4/lambda_0); 2 < r < 6
@@ -41,6 +47,9 @@ from trajscope.functional.hvp import trainable_parameters
 
 C_RATE = 0.5     # the chosen stability ratio r = eta lambda / T (see the module docstring)
 C_WARMUP = 1 / 16  # the warm-up's stability ratio against lambda at init
+INIT_ITER = 8      # Lanczos products for lambda at init: it only sets the warm-up rate (a Ritz value
+#                    is a lower bound, so the warm-up rate errs high by at most the Ritz error)
+MAX_EXAMPLES = 128  # default examples for lambda: one batch, at most this many
 BOUNDARIES = {"stable": (0.0, 1.0), "catapult": (1.0, 2.0), "catapult-relu": (2.0, 6.0),
               "divergent": (6.0, float("inf"))}
 
@@ -71,6 +80,14 @@ def threshold_unit(optimizer: torch.optim.Optimizer) -> float:
                          f"(sgd, adam, adamw), not {type(optimizer).__name__}") from None
 
 
+def coupled_weight_decay(optimizer: torch.optim.Optimizer) -> float:
+    """The L2 coefficient that SGD adds to its gradient (so to every Hessian eigenvalue); 0 for
+    other optimizers (AdamW decouples it; see the module docstring for Adam)."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return max(float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups)
+    return 0.0
+
+
 def sharpness(model, loss_fn, batch, optimizer, *, tol: float = 1e-2, max_iter: int = 30,
               generator: torch.Generator | None = None) -> tuple[float, int]:
     """(lambda, HVPs spent): the top Hessian eigenvalue on ``batch``, preconditioned for Adam."""
@@ -88,10 +105,13 @@ def sharpness(model, loss_fn, batch, optimizer, *, tol: float = 1e-2, max_iter: 
     return lam, int(eig.n_iter)
 
 
-def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float = C_RATE,
-                     c_warmup: float = C_WARMUP, tol: float = 1e-2, max_iter: int = 30) -> dict[str, Any]:
-    """Measure lambda at init, warm up ``warmup`` steps at ``c_warmup * T / lambda_0``, measure
-    lambda again and return the choice with its evidence (see the module docstring).
+def curvature_select(loop: ShortLoop, warmup: int, examples: int = MAX_EXAMPLES, c: float = C_RATE,
+                     c_warmup: float = C_WARMUP, tol: float = 5e-2, max_iter: int = 15,
+                     init_iter: int = INIT_ITER) -> dict[str, Any]:
+    """Measure lambda at init (``init_iter`` Lanczos products), warm up ``warmup`` steps at
+    ``c_warmup * T / lambda_0``, measure lambda again (relative residual ``tol``, at most
+    ``max_iter`` products) and return the choice with its evidence (see the module docstring).
+    Both lambdas include SGD's weight decay (:func:`coupled_weight_decay`).
 
     Adam's preconditioner needs second moments, so for Adam the first warm-up step is taken at rate
     0 (it fills the moments and leaves the weights as they are) and lambda_0 is measured after it.
@@ -108,7 +128,9 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
         t += 1
         loop.step(t, 0.0)
     t0 = time.perf_counter()
-    lam0, n0 = sharpness(loop.model, loop.loss_fn, batch, opt, tol=tol, max_iter=max_iter, generator=gen)
+    wd = coupled_weight_decay(opt)
+    lam0, n0 = sharpness(loop.model, loop.loss_fn, batch, opt, tol=tol, max_iter=init_iter, generator=gen)
+    lam0 += wd
     wall = time.perf_counter() - t0
     if not lam0 > 0:
         raise UsageError(f"the top Hessian eigenvalue at init is {lam0:.3g} (not positive): no curvature rule")
@@ -121,6 +143,7 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
             raise TrajscopeError(f"the curvature warm-up diverged at step {t} (lr {warmup_lr:.3g}, loss {losses[-1]})")
     t0 = time.perf_counter()
     lam, n1 = sharpness(loop.model, loop.loss_fn, batch, opt, tol=tol, max_iter=max_iter, generator=gen)
+    lam += wd
     wall += time.perf_counter() - t0
     if not lam > 0:
         raise UsageError(f"the top Hessian eigenvalue after the warm-up is {lam:.3g} (not positive)")
@@ -128,5 +151,5 @@ def curvature_select(loop: ShortLoop, warmup: int, examples: int = 128, c: float
     lr = rate_from_curvature(lam, t_unit, c)
     return {"lr": lr, "lambda": lam, "lambda_0": lam0, "warmup_steps": t, "warmup_lr": warmup_lr,
             "warmup_loss": losses[-1] if losses else None, "threshold_unit": t_unit, "c": c, "ratio": c,
-            "preconditioned": is_adam(opt), "examples": n_ex, "hvps": n0 + n1, "regimes": regimes(lam, t_unit),
+            "preconditioned": is_adam(opt), "weight_decay_added": wd, "examples": n_ex, "hvps": n0 + n1, "regimes": regimes(lam, t_unit),
             "regime": regime_of(c), "compute": compute}

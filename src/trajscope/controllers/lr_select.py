@@ -95,8 +95,9 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
     nothing is trained or stored, and the module itself is not changed). ``steps``: the budget of the
     final run. ``executor``, ``jobs``, ``address``: how the race's candidates run
     (:func:`trajscope.sweep.run_configs`). ``options``: per method, ``range_steps``, ``lr_min``,
-    ``lr_max`` (range-test); ``warmup``, ``examples`` (default: one batch), ``c`` (curvature and early-race);
-    ``candidates``, ``factor``, ``race_fraction``, ``tol`` (early-race).
+    ``lr_max`` (range-test); ``warmup``, ``examples`` (default: one batch, at most 128), ``c``
+    (curvature and early-race); ``candidates``, ``factor``, ``rungs`` (fractions of the budget),
+    ``keep`` (fraction kept per rung), ``race_fraction`` (one rung there instead), ``tol`` (early-race).
     """
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
@@ -109,7 +110,8 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
         raise UsageError(f"select_lr takes a workload name, a RunConfig or an nn.Module, not {type(target).__name__}")
     cfg = base_config(target, optimizer, steps, seed, record, momentum, batch_size)
     allowed = {"range-test": {"range_steps", "lr_min", "lr_max"}, "curvature": {"warmup", "examples", "c"},
-               "early-race": {"warmup", "examples", "c", "candidates", "factor", "race_fraction", "tol"}}[method]
+               "early-race": {"warmup", "examples", "c", "candidates", "factor", "rungs", "keep", "race_fraction",
+                              "tol", "sharpness"}}[method]
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise unknown_choice(f"option of method {method!r}", unknown[0], allowed)
@@ -150,11 +152,11 @@ def _range_test(cfg: RunConfig, loop: ShortLoop, range_steps: int | None = None,
 
 def _curvature(cfg: RunConfig, loop: ShortLoop, warmup: int | None = None, examples: int | None = None,
                c: float | None = None) -> LRSelection:
-    from trajscope.controllers.curvature_lr import C_RATE, curvature_select
+    from trajscope.controllers.curvature_lr import C_RATE, MAX_EXAMPLES, curvature_select
 
     t0 = time.perf_counter()
-    res = curvature_select(loop, warmup or default_warmup(cfg.steps), examples=examples or cfg.batch_size,
-                           c=c or C_RATE)
+    res = curvature_select(loop, warmup or default_warmup(cfg.steps),
+                           examples=examples or min(cfg.batch_size, MAX_EXAMPLES), c=c or C_RATE)
     comp = res.pop("compute")
     comp.wall_s = time.perf_counter() - t0
     reason = (f"lambda {res['lambda']:.4g} after {res['warmup_steps']} warm-up steps; threshold "
@@ -164,8 +166,8 @@ def _curvature(cfg: RunConfig, loop: ShortLoop, warmup: int | None = None, examp
 
 
 def default_warmup(budget: int) -> int:
-    """2% of the budget, at least 20 and at most 100 steps."""
-    return min(100, max(20, round(0.02 * budget)))
+    """2% of the budget, at least 10 and at most 100 steps."""
+    return min(100, max(10, round(0.02 * budget)))
 
 
 def finish(sel: LRSelection, cfg: RunConfig, root, progress: bool) -> None:

@@ -1,27 +1,38 @@
 """Running the early race (the rule and the evidence are in :mod:`trajscope.controllers.race`).
 
 1. the curvature estimate eta_c (:func:`~trajscope.controllers.curvature_lr.curvature_select`);
-2. ``candidates`` rates eta_c * factor^j, j centred on 0 (default 5 rates, factor 2);
-3. each candidate is the final config at its rate plus a ``race`` controller stopping at step
-   k = ``race_fraction`` of the budget (at least 10 steps), trained by
-   :func:`trajscope.sweep.run_configs` (``executor``/``jobs``/``address``); a candidate run already
-   in the store (stopped, finished or diverged) is read, not trained again;
-4. :func:`~trajscope.controllers.race.race_decision` picks the winner, which is resumed from its
-   step-k checkpoint to the end of the budget; the decision is stored in it at step k.
+2. ``candidates`` rates eta_c * factor^j, j centred on 0 (default 6 rates, factor 2: a 32x span);
+3. rungs at the fractions ``rungs`` of the budget (default 4% and 12%, each at least 5 steps);
+   every candidate is the final config at its rate plus a ``race`` controller that stops it at each
+   rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
+   keeps ``ceil(n * keep)`` of them (default half), which are resumed to the next rung, and so on;
+   the last rung keeps one. Runs go through :func:`trajscope.sweep.run_configs`
+   (``executor``/``jobs``/``address``); a candidate already in the store at or past the rung is
+   read, not trained again;
+4. the winner is resumed from its last checkpoint to the end of the budget; the decision is stored
+   in it at the last rung.
+
+Compute (choosing): the curvature estimate's warm-up steps and Hessian-vector products, each
+loser's steps up to the rung it lost at (or diverged), and the race's own Hessian-vector products;
+the winner's steps are all training. With the defaults, 3 losers at 4% and 2 at 12%: 0.36 budgets.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from trajscope.config import CallbackSpec, RunConfig
 from trajscope.controllers.lr_common import Compute, ShortLoop
 from trajscope.errors import UsageError
 
+RUNGS = (0.05, 0.10)  # fractions of the budget where the race decides
+MIN_RUNG = 5          # steps
 
-def candidate_rates(center: float, n: int = 5, factor: float = 2.0) -> list[float]:
+
+def candidate_rates(center: float, n: int = 6, factor: float = 2.0) -> list[float]:
     """``n`` rates center * factor^(j - (n-1)/2), j = 0..n-1, ascending."""
     if n < 1 or factor <= 1:
         raise UsageError(f"the race needs candidates >= 1 and factor > 1, got {n}, {factor}")
@@ -29,103 +40,151 @@ def candidate_rates(center: float, n: int = 5, factor: float = 2.0) -> list[floa
 
 
 def race_steps(budget: int, fraction: float) -> int:
+    """The step of a rung at ``fraction`` of the budget (at least MIN_RUNG, at most the budget)."""
     if not 0 < fraction < 1:
-        raise UsageError(f"race_fraction must be in (0, 1), got {fraction}")
-    return min(max(10, round(fraction * budget)), budget)
+        raise UsageError(f"race fractions must be in (0, 1), got {fraction}")
+    return min(max(MIN_RUNG, round(fraction * budget)), budget)
 
 
-def race_config(cfg: RunConfig, lr: float, at: int, examples: int) -> RunConfig:
-    """``cfg`` at rate ``lr`` with a race controller stopping at step ``at`` (sharpness on
-    ``examples`` training examples)."""
-    spec = CallbackSpec(kind="race", options={"at": at, "examples": examples})
+def rung_steps(budget: int, fractions: Sequence[float]) -> list[int]:
+    """The distinct rung steps of ``fractions`` (ascending)."""
+    if not fractions:
+        raise UsageError("the race needs at least one rung")
+    return sorted({race_steps(budget, f) for f in fractions})
+
+
+def race_config(cfg: RunConfig, lr: float, rungs: Sequence[int], examples: int, sharpness: bool = False) -> RunConfig:
+    """``cfg`` at rate ``lr`` with a race controller stopping at each of ``rungs`` (``sharpness``: the
+    stability ratio on ``examples`` training examples at the last rung)."""
+    opts = {"at": rungs[-1]} if len(rungs) == 1 else {"rungs": list(rungs)}
+    opts.update({"examples": examples} if sharpness else {"sharpness_at": []})
+    spec = CallbackSpec(kind="race", options=opts)
     return cfg.model_copy(update={"lr": float(lr), "controllers": cfg.controllers + (spec,)})
 
 
 def _read(path) -> dict[str, Any]:
-    """A candidate run's status, steps and race evidence from the store."""
+    """A candidate run's status, steps and race evidence per rung step from the store."""
     from trajscope.controllers.base import KIND
     from trajscope.store import Run
 
     run = Run.open(path)
     try:
         out = {"status": run.status, "steps": run.last_step() or 0, "path": str(run.path), "run_id": run.id,
-               "wall_s": float(run.meta.get("wall_s") or 0.0)}
+               "wall_s": float(run.meta.get("wall_s") or 0.0), "evidence": {}}
         ev = run.events()
         for data in ev[ev["kind"] == KIND]["data"]:
             d = json.loads(data) if data else {}
-            if d.get("controller") == "race":
-                out["evidence"] = d.get("evidence", {})
+            if d.get("controller") == "race" and "step" in d.get("evidence", {}):
+                out["evidence"][int(d["evidence"]["step"])] = d["evidence"]
         return out
     finally:
         run.close()
 
 
-def _train_candidates(configs: list[RunConfig], root, executor, jobs, address, progress) -> list[dict[str, Any]]:
+def _advance(configs: list[RunConfig], rung: int, root, executor, jobs, address, progress) -> list[dict[str, Any]]:
+    """Bring every run of ``configs`` to step ``rung`` (new, or resumed from a lower rung's
+    checkpoint); a run already there, finished or diverged is read. Returns each run's state."""
     from trajscope.store.paths import is_run_dir
     from trajscope.sweep import run_configs
     from trajscope.train.trainer import run_path
 
     paths = [run_path(c, root) for c in configs]
-    todo = [i for i, p in enumerate(paths)
-            if not (is_run_dir(p) and _read(p)["status"] in ("stopped", "finished", "diverged"))]
+    state = [_read(p) if is_run_dir(p) else None for p in paths]
+    todo = [i for i, s in enumerate(state) if s is None or (s["status"] == "stopped" and s["steps"] < rung)
+            or s["status"] not in ("stopped", "finished", "diverged")]
+    walls = {i: (state[i] or {}).get("wall_s", 0.0) for i in todo}
+    # train_one resumes a stopped (or killed) run from its last checkpoint and starts a new one
     results = run_configs([configs[i] for i in todo], root=root, executor=executor, jobs=jobs, address=address,
                           progress=progress)
     errors = {i: r.get("error") for i, r in zip(todo, results) if r.get("status") == "failed"}
     out = []
     for i, p in enumerate(paths):
-        out.append({"status": "failed", "error": errors[i]} if i in errors else {**_read(p), "cached": i not in todo})
+        if i in errors:
+            out.append({"status": "failed", "error": errors[i]})
+            continue
+        s = _read(p)
+        # a resumed run's wall time restarts at the resume: add what it spent before
+        s["wall_s"] += walls.get(i, 0.0)
+        s["cached"] = i not in todo
+        out.append(s)
     return out
+
+
+def _rung_evidence(lr: float, r: dict[str, Any], rung: int) -> dict[str, Any]:
+    if r["status"] == "failed":
+        raise UsageError(f"race candidate at lr {lr:.4g} did not run: {r.get('error')}")
+    if r["status"] == "diverged" and rung not in r["evidence"]:
+        return {"lr": lr, "diverged": True, "steps": r["steps"]}
+    if rung not in r["evidence"]:
+        raise UsageError(f"race candidate at lr {lr:.4g} has no evidence at step {rung} ({r['status']})")
+    return {**r["evidence"][rung], "lr": lr, "steps": rung}
 
 
 def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None, executor: str = "local",
                jobs: int = 1, address: str | None = None, train: bool = True, progress: bool = True,
-               warmup: int | None = None, examples: int | None = None, c: float | None = None, candidates: int = 5,
-               factor: float = 2.0, race_fraction: float = 0.05, tol: float = 0.05):
-    """The race (see the module docstring); returns an :class:`~trajscope.controllers.lr_select.LRSelection`."""
+               warmup: int | None = None, examples: int | None = None, c: float | None = None, candidates: int = 6,
+               factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5, tol: float = 0.05,
+               sharpness: bool = False, race_fraction: float | None = None):
+    """The race (see the module docstring); returns an :class:`~trajscope.controllers.lr_select.LRSelection`.
+    ``race_fraction``: a one-rung race at that fraction (instead of ``rungs``)."""
+    from trajscope.controllers.curvature_lr import MAX_EXAMPLES
     from trajscope.controllers.lr_select import LRSelection, _curvature, store
     from trajscope.controllers.race import race_decision
     from trajscope.train import Trainer
 
+    if not 0 < keep < 1:
+        raise UsageError(f"keep must be in (0, 1), got {keep}")
     t0 = time.perf_counter()
     curv = _curvature(cfg, make_loop(), warmup=warmup, examples=examples, c=c)
     rates = candidate_rates(curv.lr, candidates, factor)
-    at = race_steps(cfg.steps, race_fraction)
-    configs = [race_config(cfg, lr, at, examples or cfg.batch_size) for lr in rates]
+    steps = rung_steps(cfg.steps, (race_fraction,) if race_fraction is not None else tuple(rungs))
+    n_ex = examples or min(cfg.batch_size, MAX_EXAMPLES)
+    configs = [race_config(cfg, lr, steps, n_ex, sharpness) for lr in rates]
     t_race = time.perf_counter()
-    runs = _train_candidates(configs, root, executor, jobs, address, progress)
-    evidence = []
-    for lr, r in zip(rates, runs):
-        if r["status"] == "diverged":
-            evidence.append({"lr": lr, "diverged": True, "steps": r["steps"]})
-        elif r["status"] == "failed" or "evidence" not in r:
-            raise UsageError(f"race candidate at lr {lr:.4g} did not run: {r.get('error') or r['status']}")
-        else:
-            evidence.append({**r["evidence"], "lr": lr, "steps": at})
-    decision = race_decision(evidence, tol=tol)
-    w = decision["winner"]
+    alive = list(range(len(rates)))
+    runs: dict[int, dict[str, Any]] = {}
+    out_at: dict[int, int] = {}  # loser -> the steps it ran
+    decisions = []
+    for k, rung in enumerate(steps):
+        for i, r in zip(alive, _advance([configs[i] for i in alive], rung, root, executor, jobs, address, progress)):
+            runs[i] = r
+        evidence = [_rung_evidence(rates[i], runs[i], rung) for i in alive]
+        n_keep = 1 if k == len(steps) - 1 else max(1, math.ceil(len(alive) * keep))
+        d = race_decision(evidence, tol=tol, keep=n_keep)
+        kept = [alive[j] for j in d["keep"]]
+        for j, i in enumerate(alive):
+            if i not in kept:
+                out_at[i] = min(runs[i]["steps"], rung)
+        decisions.append({"step": rung, "candidates": evidence, "verdicts": d["verdicts"], "reason": d["reason"],
+                          "kept": kept})
+        alive = kept
+    w = alive[0]
     batch = curv.choose.batch_size
-    hvp_examples = curv.choose.hvp_examples
-    race_hvps = sum(e.get("hvps", 0) for e in evidence)
-    loser_steps = sum(min(r.get("steps", at), at) for i, r in enumerate(runs) if i != w)
-    choose = curv.choose.add(Compute(batch, steps=loser_steps, hvps=race_hvps,
-                                     hvp_examples=hvp_examples if race_hvps else 0))
+    race_hvps = sum(e.get("hvps") or 0 for d in decisions for e in d["candidates"])
+    choose = curv.choose.add(Compute(batch, steps=sum(out_at.values()), hvps=race_hvps,
+                                     hvp_examples=n_ex if race_hvps else 0))
     # wall time: the curvature estimate and the losers' race runs (each run's own seconds, so the
     # figure does not depend on how many ran in parallel); the winner's race seconds are training
-    choose.wall_s = (t_race - t0) + sum(r.get("wall_s", 0.0) for i, r in enumerate(runs) if i != w)
+    choose.wall_s = (t_race - t0) + sum(runs[i].get("wall_s", 0.0) for i in out_at)
+    last = decisions[-1]
+    reason = " | ".join(f"step {d['step']}: {d['reason']}" for d in decisions)
     sel = LRSelection("early-race", rates[w], cfg.optimizer, cfg.workload, cfg.steps, choose,
-                      {"curvature": {k: v for k, v in curv.evidence.items()}, "rates": rates, "race_steps": at,
-                       "candidates": evidence, "verdicts": decision["verdicts"], "winner": w},
-                      reason=decision["reason"],
-                      extra={"race_runs": [r.get("run_id") for r in runs]})
+                      {"curvature": dict(curv.evidence), "rates": rates, "rungs": steps, "race_steps": steps[-1],
+                       "rung_decisions": decisions, "candidates": last["candidates"], "verdicts": last["verdicts"],
+                       "winner": w, "losers_steps": {str(i): s for i, s in out_at.items()}},
+                      reason=reason, extra={"race_runs": [runs[i].get("run_id") for i in range(len(rates))]})
     if not train:
         return sel
-    winner_cfg = configs[w]
-    if runs[w]["status"] == "stopped":
-        final = Trainer(winner_cfg, root=root, resume=True, progress=progress).fit()
-    else:
-        final = Trainer(winner_cfg, root=root, progress=progress).fit()  # finished: read from the store
+    final = runs[w]
+    wall_before = final.get("wall_s", 0.0) if final["status"] == "stopped" else 0.0
+    for _ in steps:  # resumed through any rung left (at most every rung), to the end of the budget
+        if final["status"] != "stopped":
+            break
+        final = Trainer(configs[w], root=root, resume=True, progress=progress).fit()
+    if "final" not in final:  # finished or diverged before this call: its summary from the store
+        final = Trainer(configs[w], root=root, progress=progress).fit()
     sel.run = final
     sel.train_steps = int(final.get("steps") or 0)
-    sel.train_wall_s = float(final.get("wall_s") or 0.0) + (runs[w].get("wall_s", 0.0) if runs[w]["status"] == "stopped" else 0.0)
-    store(sel, step=at)
+    sel.train_wall_s = float(final.get("wall_s") or 0.0) + wall_before
+    store(sel, step=steps[-1])
     return sel
