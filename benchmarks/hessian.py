@@ -1,7 +1,7 @@
 """Top Hessian eigenvalue and Hessian trace: trajscope against PyHessian, same model, same batch.
 
 Usage: .venv-peers/bin/python benchmarks/hessian.py [--json] [--repeats 5] [--threads 1] [--warmup 0]
-[--clock cpu|wall] (a venv with trajscope and ``pyhessian`` installed: ``pip install torch==2.13.0
+[--clock cpu|wall] [--method auto] (a venv with trajscope and ``pyhessian`` installed: ``pip install torch==2.13.0
 pyhessian -e .``). Clock: process CPU time by default (with one thread, the work done, not
 inflated by other processes competing for the cores of a shared machine); ``--clock wall`` for
 wall time.
@@ -14,10 +14,12 @@ uses running statistics in both). Times include building the gradient graph (PyH
 constructor). Each timing is the median of ``--repeats`` interleaved runs, each with its own seed
 (random start or probes), so it is the typical run; ``speedup_best`` (min over min) is in the JSON too.
 
-- lambda_max: reference = our Lanczos in float64 to relative residual 1e-8 (random start). Ours
-  runs at its defaults: on this 1,000-example batch its start vector comes from 6 Lanczos steps on
-  128 random examples (``subset_start="auto"``; timed, not counted in ``hvps``, which are the
-  full-batch products). Both tools get the same
+- lambda_max: reference = our Lanczos in float64 by double backward to relative residual 1e-8
+  (random start). Ours runs at its defaults except ``method=--method`` (default ``"auto"``: forward
+  differences of gradients with the ReLU kinks frozen, one gradient per product instead of a double
+  backward; :mod:`trajscope.functional.fd_hvp`): on this 1,000-example batch its start vector
+  comes from 6 Lanczos steps on 128 random examples (``subset_start="auto"``; timed, not counted in
+  ``hvps``, which are the full-batch products). Both tools get the same
   protocol: the tol (ours: Lanczos relative residual; PyHessian: relative change of its power
   iteration's estimate) is tightened along 1e-1, 3e-2, 1e-2, ... until every repeat is within 1e-3
   of the reference, and timed there; speedup = PyHessian time / our time. ``speedup_at_stated_tol``
@@ -80,10 +82,14 @@ def timed(fn):
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)
 
 
+METHOD = "auto"  # our product for lambda_max (--method)
+
+
 def ours_lambda(model, crit, batch, seed, tol):
     """(value, Hessian-vector products)."""
     g = torch.Generator().manual_seed(seed)
-    e = top_hessian_eigenvalues(model, crit, batch, tol=tol, max_iter=300, generator=g, train=False)
+    e = top_hessian_eigenvalues(model, crit, batch, tol=tol, max_iter=300, generator=g, train=False,
+                                method=METHOD)
     return float(e.values[0]), e.n_iter
 
 
@@ -210,13 +216,16 @@ def main() -> None:
     ap.add_argument("--max-samples", type=int, default=2000)
     ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu",
                     help="process CPU time (default; not inflated by other processes on a shared machine) or wall")
+    ap.add_argument("--method", default="auto",
+                    help="our product for lambda_max: auto (finite differences, kinks frozen; default), "
+                         "double-backward, ...")
     args = ap.parse_args()
-    global clock
-    clock = CLOCK[args.clock]
+    global clock, METHOD
+    clock, METHOD = CLOCK[args.clock], args.method
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True")  # PyHessian's
     out = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "clock": args.clock,
-           "warmup_steps": args.warmup, "batch": 1000, "models": {}}
+           "warmup_steps": args.warmup, "batch": 1000, "method": args.method, "models": {}}
     try:
         import pyhessian  # noqa: F401
     except ImportError as e:

@@ -8,8 +8,9 @@ peer entry is ``{"error": ...}``.
 Per workload: the model from ``make_model`` (seed 0), SGD with the workload's lr and momentum
 (constant rate), batch 128, the same pre-drawn batches for every run; a plain loop (zero_grad,
 forward, backward, step). "plain" is that loop, "probed" the same loop that calls
-``SharpnessProbe(every=16)`` (default tol 1e-2, double backward, train mode, the step's batch) at
-the end of the steps its schedule fires; the two alternate within each repeat (order alternating
+``SharpnessProbe(every=16)`` at its defaults (tol = value_tol = 1e-2, warm start from the previous
+vector, finite-difference products with the ReLU kinks frozen (``method="auto"``), train mode, the
+step's batch) at the end of the steps its schedule fires; the two alternate within each repeat (order alternating
 too) in one process; ratio = median over repeats of probed time / plain time. The probed run must
 end with bit-identical parameters and buffers (the probe has no side effect), which is checked.
 
@@ -17,7 +18,8 @@ end with bit-identical parameters and buffers (the probe has no side effect), wh
 ratio 1.3 (cost per measurement / (0.3 * plain time per step)).
 
 Accuracy: one more (untimed) probed run compares every probe value with a tight reference on the
-same batch and parameters (Lanczos to relative residual 1e-6): median and max relative error.
+same batch and parameters (Lanczos by double backward to relative residual 1e-6): median and max
+relative error, in the JSON next to ``ratio`` (``accuracy``) and per workload.
 
 Peer: Cockpit (BackPACK-extended model and loss) with ``configuration("full",
 track_schedule=linear(16))`` on the same batches; ratio = its time / plain time.
@@ -84,7 +86,8 @@ def accuracy(s: Setup, every: int) -> dict:
     errs = []
 
     def check(model, batch, out):
-        ref = top_hessian_eigenvalues(model, s.wl.loss_fn, batch, tol=1e-6, max_iter=300).values[0]
+        ref = top_hessian_eigenvalues(model, s.wl.loss_fn, batch, tol=1e-6, max_iter=300,
+                                      method="double-backward").values[0]
         errs.append(abs(out["lambda_max"] - float(ref)) / abs(float(ref)))
 
     _, _, outs = train(s, SharpnessProbe(every=every), on_probe=check)
@@ -168,10 +171,10 @@ def main() -> None:
     for name in args.workloads:
         per[name], peers[name] = bench(name, args)
     first = args.workloads[0]
-    out = {"ratio": per[first]["ratio"], "workload": first, "per_workload": per,
+    out = {"ratio": per[first]["ratio"], "accuracy": per[first]["accuracy"], "workload": first, "per_workload": per,
            "peers": {"cockpit-full": peers[first], "cockpit-full-per_workload": peers},
            "steps": args.steps, "every": args.every, "repeats": args.repeats, "threads": args.threads,
-           "torch": torch.__version__, "probe": "SharpnessProbe(every=16), tol=1e-2 relative residual"}
+           "torch": torch.__version__, "probe": "SharpnessProbe(every=16) defaults: tol=value_tol=1e-2, method=auto (finite differences)"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "probe_overhead.json").write_text(json.dumps(out, indent=2))
     if args.json:

@@ -332,10 +332,12 @@ def test_sharpness_probe_values_warm_start_and_state():
     wl = workloads.get("mnist1d-mlp")  # only for its loss: cross-entropy
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=wl, batch=(x, y), step=1)
-    probe = SharpnessProbe(tol=1e-6, max_iter=75)
+    probe = SharpnessProbe(tol=1e-6, max_iter=75)  # defaults: finite differences, value_tol = tol
     out = probe(ctx)
     ref = torch.linalg.eigvalsh(full_hessian(model, F.cross_entropy, x, y))[-1]
-    assert out["lambda_max"] == pytest.approx(float(ref), rel=1e-6) and out["residual"] <= 1e-6
+    assert out["lambda_max"] == pytest.approx(float(ref), rel=1e-6)
+    exact = SharpnessProbe(tol=1e-6, max_iter=75, method="double-backward", value_tol=0.0)(ctx)
+    assert exact["lambda_max"] == pytest.approx(float(ref), rel=1e-6) and exact["residual"] <= 1e-6
     assert out["stability_threshold"] == pytest.approx(38.0)
     assert out["stability_ratio"] == pytest.approx(out["lambda_max"] / 38.0)
     clone = SharpnessProbe(tol=1e-6, max_iter=75)
@@ -396,7 +398,7 @@ def test_sharpness_probe_warm_iter_caps_warm_calls():
     wl = workloads.get("mnist1d-mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=wl, batch=(x, y), step=1)
-    probe = SharpnessProbe(tol=1e-9, max_iter=40, warm_iter=2)
+    probe = SharpnessProbe(tol=1e-9, max_iter=40, warm_iter=2, method="double-backward", value_tol=0.0)
     first = probe(ctx)
     assert first["iterations"] > 2
     assert probe(ctx)["iterations"] == 1  # same parameters: the warm vector has converged already

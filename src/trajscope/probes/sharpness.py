@@ -17,18 +17,25 @@ Scalars (``<name>/<quantity>``, at STEP_END, when the parameters hold theta_step
 
 An optimizer without a known threshold (e.g. Muon) gets ``lambda_max``, ``residual`` and
 ``iterations`` only.
-Cost and accuracy: every measurement runs Lanczos until the relative residual is below ``tol``
-(default 1e-2) or ``max_iter`` products, warm-started from the probe's previous top eigenvector
-(kept in :meth:`state_dict`; the first one from a random vector). ``value_tol`` also stops once
-the estimated relative eigenvalue error rho^2 / (gap theta) is below it
-(:func:`~trajscope.functional.lanczos.value_error`). ``warm_iter=m`` caps a warm-started
-measurement at m >= 2 products (the top Ritz value of the m-step Krylov space of the previous
-vector); a Ritz value never exceeds lambda_max, so the error is an underestimate. Measured on
-mnist1d-cnn (SGD lr 0.1 momentum 0.9, the step's batch of 128, every 16 steps, 800 steps, against
-Lanczos to 1e-6): the defaults need 6.1 products on average, median relative error 4.5e-5 (max
-7.4e-4); ``value_tol=3e-3``: 5.2 products, median 5.9e-4 (max 3.6e-3); ``warm_iter=3``: 3.1
-products but median 6e-2 (max 0.36), because the top eigenvector of the step's minibatch Hessian
-turns a long way in 16 steps, so a short warm-started run is not accurate there.
+Cost and accuracy: every measurement runs Lanczos, warm-started from the probe's previous top
+eigenvector (kept in :meth:`state_dict`; the first one from a random vector), until the relative
+residual is below ``tol`` (default 1e-2), or the estimated relative eigenvalue error rho^2 / (gap
+theta) is below ``value_tol`` (default: ``tol``;
+:func:`~trajscope.functional.lanczos.value_error`; 0 turns this rule off), or after ``max_iter``
+products. The products are forward differences of gradients with ReLU-type kinks frozen
+(``method="auto"``, :mod:`trajscope.functional.fd_hvp`: one forward and backward pass each, plus one
+for the base gradient), double backward where those do not apply (a model with another non-smooth
+function, a loader) or where ``tol < 1e-3`` asks for more than they give. ``warm_iter=m`` caps a warm-started measurement at m >= 2 products (a Ritz
+value never exceeds lambda_max, so that error is an underestimate).
+
+Measured on mnist1d-cnn (SGD lr 0.1 momentum 0.9, the step's batch of 128, every 16 steps, against
+Lanczos by double backward to 1e-6 on the same batch and parameters): the defaults spend 3.3-4.2
+products per measurement (plus the base gradient), median relative error 4e-3, max 2.3e-2 (10
+measurements over 160 steps: 4.3e-3 / 2.3e-2; 20 over 320 steps: 4.1e-3 / 2.3e-2), and cost about
+4-5 training steps each (1.2x the training time at every 16 steps, ``benchmarks/probe_overhead.py``).
+Tighter: ``value_tol=0`` (residual rule only) 6 products, median 5e-4 (max 2.8e-3, the forward
+difference's own error); ``method="double-backward", value_tol=0``: 6 products of about 2.5 training
+steps each, median 4.5e-5 (max 7.4e-4).
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from trajscope.functional.hvp import trainable_parameters
 from trajscope.probes.base import BatchProbe, register
 
 
+DIFFERENCE_MIN_TOL = 1e-3  # "auto" below this tol: double backward (differences err by up to ~3e-3)
+
+
 @register
 class SharpnessProbe(BatchProbe):
     """Top Hessian eigenvalue (and Adam's preconditioned one) vs the stability threshold.
@@ -52,8 +62,10 @@ class SharpnessProbe(BatchProbe):
     ``fixed_size`` training examples of ``ctx.data`` (the same set every time). ``every=n`` is a
     shorthand for ``schedule=every(n)``; the default schedule is the sparse log-spaced one of
     :class:`~trajscope.probes.base.Probe`. ``tol``, ``max_iter``: Lanczos stopping rule;
+    ``value_tol``: stop at this estimated relative eigenvalue error (None: ``tol``; 0: off);
     ``warm_iter``: the most products of a warm-started measurement (module docstring; None: as cold);
-    ``method``, ``curvature``, ``train``: see :mod:`trajscope.functional.hessian`.
+    ``method`` (default ``"auto"``: finite differences where they apply and ``tol >= 1e-3``, else double
+    backward), ``curvature``, ``train``: see :mod:`trajscope.functional.hessian`.
     """
 
     default_name = "sharpness"
@@ -61,13 +73,15 @@ class SharpnessProbe(BatchProbe):
 
     def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None,
                  data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2, max_iter: int = 30,
-                 warm_iter: int | None = None, method: str = "double-backward", curvature: str = "hessian",
+                 warm_iter: int | None = None, method: str = "auto", curvature: str = "hessian",
                  train: bool | None = True, seed: int = 0, value_tol: float | None = None):
         super().__init__(schedule, name, every=every, data=data, fixed_size=fixed_size)
         if warm_iter is not None and warm_iter < 2:  # one product cannot move the warm vector
             raise ValueError(f"warm_iter must be >= 2 or None, got {warm_iter}")
         self.tol, self.max_iter, self.warm_iter = tol, max_iter, warm_iter
-        self.value_tol = value_tol
+        self.value_tol = tol if value_tol is None else value_tol
+        if method == "auto" and tol < DIFFERENCE_MIN_TOL:  # asked for more than differences give
+            method = "double-backward"
         self.kwargs = {"method": method, "curvature": curvature, "train": train}
         self.generator = torch.Generator().manual_seed(seed)
         self._vectors: dict[str, torch.Tensor] = {}
