@@ -138,3 +138,77 @@ def test_random_plane_and_line_of_a_run(cnn_run):
     assert t["losses"][1] == pytest.approx(line["loss_start"], rel=1e-5)  # alpha = 0
     assert t["losses"][3] == pytest.approx(line["loss_end"], rel=1e-5)  # alpha = 1
     assert line["barrier"] >= t["losses"][2] - (line["loss_start"] + line["loss_end"]) / 2 - 1e-9
+
+
+class _Tied(nn.Module):
+    """A first Linear layer (replayed: it reads the data) whose weight is used again further on."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        return self.out(torch.relu(F.linear(h, self.first.weight)))
+
+
+def _models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 4))
+    cnn = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 3, 5, padding=2), nn.BatchNorm1d(3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(18, 4))
+    return {"mlp": mlp, "cnn": cnn, "tied": _Tied(), "linear": nn.Linear(6, 4)}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tied", "linear"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_loop_replays_input_layers_and_matches_the_reference(name, k):
+    from trajscope.landscape.grid import _stack
+    from trajscope.landscape.loop import Looped
+
+    model = _models()[name]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in (9, 5)]
+    origin = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dirs = [random_direction(origin, g, ignore=None) for _ in range(k)]
+    coeffs = grid_coefficients(*[torch.linspace(-1, 1, 4)] * k)
+    looped = Looped(model, F.cross_entropy, origin, _stack(origin, dirs), True, batches)
+    assert len(looped.replays) == 1  # the layer reading the data (fan-in 6, or 1 x 5 for the conv)
+    loss, hits = zip(*[looped(coeffs[a:a + 3], batches) for a in range(0, len(coeffs), 3)])
+    want = evaluate_points_reference(model, F.cross_entropy, batches, origin, dirs, coeffs)
+    torch.testing.assert_close(torch.cat(loss) / 14, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(hits) / 14, want[1])
+    assert len(looped.replays) == 1 and looped.batched_loss  # the check at the first point kept it
+
+
+def test_loop_drops_a_replay_that_does_not_match_and_loops_a_loss_vmap_cannot_batch():
+    from trajscope.landscape.grid import _stack
+    from trajscope.landscape.loop import Looped
+
+    class Scaled(nn.Module):  # the layer's input depends on a parameter without a gradient path
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(6))
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.lin(x * (self.s.detach() > 0.5))
+
+    def loss(out, y):  # data-dependent Python control flow: vmap cannot batch it
+        return F.cross_entropy(out, y) * (2.0 if float(out.sum()) > 0 else 1.0)
+
+    torch.manual_seed(0)
+    model = Scaled()
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(10, 6, generator=g), torch.randint(0, 4, (10,), generator=g))
+    origin = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dirs = [{n: torch.randn(p.shape, generator=g) for n, p in origin.items()}]
+    coeffs = torch.tensor([[-1.0], [0.3], [0.0], [1.0]], dtype=torch.float64)
+    looped = Looped(model, loss, origin, _stack(origin, dirs), True, [batch])
+    assert len(looped.replays) == 1  # s.detach(): no grad reaches the input, so it looks replayable
+    got = looped(coeffs, [batch])
+    want = evaluate_points_reference(model, loss, [batch], origin, dirs, coeffs)
+    assert looped.replays == [] and not looped.batched_loss
+    torch.testing.assert_close(got[0] / 10, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1] / 10, want[1])

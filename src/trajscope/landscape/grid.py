@@ -3,7 +3,9 @@
 :func:`evaluate_points` evaluates ``chunk_size`` points at a time, either batched -- the parameters
 of the chunk stacked, shape (chunk, *param.shape), and ``vmap(functional_call)`` over them, one
 batched forward pass per chunk and data batch -- or point by point on a private copy of the model
-(``strategy``; the default picks the faster by timing). :func:`evaluate_points_reference` is the
+(:mod:`~trajscope.landscape.loop`: one parameter write per point, layers that read the data
+replayed from precomputed outputs, the loss per chunk) (``strategy``; the default picks the faster
+by timing). :func:`evaluate_points_reference` is the
 executable specification, a for-loop of ``load_state_dict`` and ``model(x)`` on a copy of the
 model; the tests hold both ways to it.
 
@@ -27,6 +29,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trajscope.functional.noise import mode, stat_free_buffers
+from trajscope.landscape.loop import Looped
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -58,7 +61,7 @@ def point_params(origin: dict[str, Tensor], stacked: dict[str, Tensor], c: Tenso
 class _Vmapped:
     """One chunk of points per call: parameters (g, *shape), ``vmap(functional_call)`` over them."""
 
-    def __init__(self, model, loss_fn, origin, stacked, train):
+    def __init__(self, model, loss_fn, origin, stacked, train, batches):
         buffers = stat_free_buffers(model, train)
 
         def forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -77,47 +80,6 @@ class _Vmapped:
                 out = self.forward(params, x)  # (g, B, C)
             loss += self.loss(out, y).to(torch.float64) * len(x)
             hits += (out.argmax(-1) == y).sum(-1).to(torch.float64)
-        return loss, hits
-
-
-class _Looped:
-    """One point at a time on a private copy of the model, its parameters set in place: with
-    c = (head, last), base = origin + head . directions[:-1] is rebuilt only when the head changes
-    (once per row of a grid), then params = base + last * directions[-1] in one pass."""
-
-    def __init__(self, model, loss_fn, origin, stacked, train):
-        self.model = copy.deepcopy(model).train(train)
-        named = dict(self.model.named_parameters())
-        self.names = list(origin)
-        self.params = [named[n] for n in self.names]
-        self.origin = [origin[n] for n in self.names]
-        self.base = [o.clone() for o in self.origin]
-        k = next(iter(stacked.values())).shape[0] if stacked else 0
-        self.dirs = [[stacked[n][j] for n in self.names] for j in range(k)]
-        self.loss_fn, self._head = loss_fn, None
-
-    def _set(self, c: list[float]) -> None:
-        if not self.dirs:
-            torch._foreach_copy_(self.params, self.origin)
-            return
-        head = tuple(c[:-1])
-        if head != self._head:
-            torch._foreach_copy_(self.base, self.origin)
-            for cj, d in zip(head, self.dirs[:-1]):
-                torch._foreach_add_(self.base, d, alpha=cj)
-            self._head = head
-        for p, b, d in zip(self.params, self.base, self.dirs[-1]):
-            torch.add(b, d, alpha=c[-1], out=p)
-
-    def __call__(self, c: Tensor, batches) -> tuple[Tensor, Tensor]:
-        loss = torch.zeros(len(c), dtype=torch.float64)
-        hits = torch.zeros(len(c), dtype=torch.float64)
-        for i, ci in enumerate(c.tolist()):
-            self._set(ci)
-            for x, y in batches:
-                out = self.model(x)
-                loss[i] += float(self.loss_fn(out, y)) * len(x)
-                hits[i] += float((out.argmax(-1) == y).sum())
         return loss, hits
 
 
@@ -148,8 +110,8 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, origin: dict[str, T
     batches = _batches(data)
     n_total = sum(len(x) for x, _ in batches)
     stacked = _stack(origin, directions)
-    ways = {s: cls(model, loss_fn, origin, stacked, train) for s, cls in (("vmap", _Vmapped), ("loop", _Looped))
-            if strategy in (s, "auto")}
+    ways = {s: cls(model, loss_fn, origin, stacked, train, batches)
+            for s, cls in (("vmap", _Vmapped), ("loop", Looped)) if strategy in (s, "auto")}
     losses = torch.zeros(len(coeffs), dtype=torch.float64)
     hits = torch.zeros(len(coeffs), dtype=torch.float64)
     starts = list(range(0, len(coeffs), chunk_size))
