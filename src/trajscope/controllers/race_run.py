@@ -2,7 +2,7 @@
 
 1. the curvature estimate eta_c (:func:`~trajscope.controllers.curvature_lr.curvature_select`);
 2. ``candidates`` rates eta_c * factor^j, j centred on 0 (default 6 rates, factor 2: a 32x span);
-3. rungs at the fractions ``rungs`` of the budget (default 4% and 12%, each at least 5 steps);
+3. rungs at the fractions ``rungs`` of the budget (default 5% and 10%, each at least 5 steps);
    every candidate is the final config at its rate plus a ``race`` controller that stops it at each
    rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
    keeps ``ceil(n * keep)`` of them (default half), which are resumed to the next rung, and so on;
@@ -14,7 +14,10 @@
 
 Compute (choosing): the curvature estimate's warm-up steps and Hessian-vector products, each
 loser's steps up to the rung it lost at (or diverged), and the race's own Hessian-vector products;
-the winner's steps are all training. With the defaults, 3 losers at 4% and 2 at 12%: 0.36 budgets.
+the winner's steps are all training. With the defaults, 3 losers at 5% and 2 at 10%: 0.35 budgets,
+plus the curvature estimate (10-20 steps and about 20 products on at most 128 examples): a total
+of about 1.4-1.5 budgets on the benchmark's workloads. ``sharpness=True`` adds the stability-ratio
+guard at the last rung, at about 2 x 15 x examples / batch_size steps per candidate left.
 """
 
 from __future__ import annotations
