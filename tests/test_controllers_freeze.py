@@ -122,6 +122,40 @@ def test_at_step_zero_freezes_before_the_first_update():
     assert all(seen[0][0][n] is None for n in seen[0][0] if n not in kept)
 
 
+def _graph(loss):
+    """(node class names, leaf tensors with an AccumulateGrad node) of loss's autograd graph."""
+    seen, names, leaves, todo = set(), [], [], [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return names, leaves
+
+
+def test_after_the_switch_the_graph_holds_no_node_for_a_frozen_tensor_or_the_frozen_prefix():
+    # Why the frozen step has no extra work to shed: the graph accumulates into the kept tensors
+    # only, and the first convolution (frozen, fed by the input) is not in the graph at all, so
+    # running that prefix under no_grad would change nothing.
+    wl = workloads.get("mnist1d-cnn")
+    model = wl.make_model({"width": 8})
+    x, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    names, leaves = _graph(wl.loss_fn(model(x), y))
+    assert names.count("ConvolutionBackward0") == 3 and len(leaves) == len(list(model.parameters()))
+    kept = kept_parameter_names(model)
+    freeze_except(model, kept)
+    assert not model.features[0](x.unsqueeze(1)).requires_grad
+    names, leaves = _graph(wl.loss_fn(model(x), y))
+    params = dict(model.named_parameters())
+    assert {id(t) for t in leaves} == {id(params[n]) for n in kept}
+    assert names.count("ConvolutionBackward0") == 2  # conv2 and conv3: input gradients for the BatchNorms below
+    assert names.count("NativeBatchNormBackward0") == 3
+
+
 def test_trainer_without_norm_params_fails_in_one_line_and_keeps_the_run(tmp_path):
     cfg = RunConfig.for_workload("mnist1d-mlp", steps=4, eval_every=4, record=RecordConfig.preset("minimal"),
                                  controllers=(CallbackSpec(kind="freeze", options={"at_step": 2}),))
