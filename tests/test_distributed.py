@@ -100,13 +100,16 @@ def _record_both_ways(rank: int, mode: str, root: str) -> None:
             trajscope.Recorder(model, trajscope.Run.create(root, {"ck": 1}), checkpoints=trajscope.schedules.at([3]))
         except UsageError as e:
             checks["errors"].append(str(e))
-    # A NaN loss on rank 1 alone: both ranks stop at the same step, rank 0 marks the run.
+    # A NaN loss on rank 1 alone: both ranks stop at the same step, rank 0 marks the run. Under
+    # DDP the verdicts of steps 3-5 travel in one reduction (0-2, 3-5 with reduce_every=3), which
+    # finishes at step 6: rank 0 records steps 4 and 5, and drops them.
     run = trajscope.Run.create(root, {"mode": mode, "nan": True}, seed=0) if rank == 0 else None
-    rec = trajscope.Recorder(model, run)
+    rec = trajscope.Recorder(model, run, reduce_every=3)
     try:
         _train(model, rec, rank, WORLD, nan_at=3 if rank == 1 else None)
     except DivergedError as e:
         checks["diverged_at"] = e.step
+        checks["nan_steps_run"] = rec.current_step
     Path(root, f"checks-{mode}-{rank}.json").write_text(json.dumps(checks))
 
 
@@ -168,3 +171,5 @@ def test_two_processes_record_the_single_process_trajectory(mode, reference, spa
     nan_run = _find(spawned, mode=mode, nan=True)
     assert nan_run.status == "diverged" and nan_run.meta["status_step"] == 3
     assert sorted(set(nan_run.scalars()["step"])) == [0, 1, 2, 3]
+    assert max(nan_run.sketches()[0]) <= 3 and max(nan_run.snapshot_steps()) <= 3  # nothing after it
+    assert [c["nan_steps_run"] for c in checks] == ([6, 6] if mode == "ddp" else [3, 3])

@@ -14,7 +14,9 @@ i >= 1; ``grad_norm`` (L2 norm over all parameters' ``.grad``, as present when `
 of theta_t over all parameters). Norms are over every parameter of the model, in float32.
 
 Under torch.distributed (see ``record/distributed.py``) every rank builds the Recorder and calls
-``step``; rank 0 passes the run and the others ``run=None``. The loss is averaged over ranks.
+``step``; rank 0 passes the run and the others ``run=None``. The loss is averaged over ranks (under
+DDP in batches of ``reduce_every`` steps, so a divergence stops every rank up to that many steps
+late, and what rank 0 recorded after the diverged step is dropped).
 """
 
 from __future__ import annotations
@@ -70,13 +72,15 @@ class Recorder:
             float32 buffers (32 bytes per element, fastest on small models); above it, per tensor
             (one copy of the parameters).
         process_group: the torch.distributed group the model trains in (default: the default group).
+        reduce_every: under DDP, the losses (and non-finite verdicts) of this many steps are
+            averaged over the ranks in one all_reduce (see ``PendingReduction``).
     """
 
     def __init__(self, model: nn.Module, run: Run | None, *, scalars=S.every(1), snapshots=S.dense_early(),
                  params=None, grads=None, optimizer_state=None, buffers=None, checkpoints=None,
                  sketch=S.every(1), sketch_dim: int = 1024, sketch_seed: int = 0,
                  commit_every_s: float = 1.0, start_step: int = 0, record_start: bool = True,
-                 flat_max: int = 1 << 22, process_group=None):
+                 flat_max: int = 1 << 22, process_group=None, reduce_every: int = 8):
         self.model = D.unwrap(model)
         self.run = run
         self.scalars = S.as_schedule(scalars)
@@ -98,7 +102,7 @@ class Recorder:
 
             self._sketcher = Sketcher(k=sketch_dim, seed=sketch_seed)
         self._state = None
-        self._reduction = D.PendingReduction(self.layout) if self.layout.mode == "replicated" else None
+        self._reduction = D.PendingReduction(self.layout, reduce_every) if self.layout.mode == "replicated" else None
         self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
         if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
             self._state = self._make_state(flat_max)
@@ -187,7 +191,7 @@ class Recorder:
         if self.closed:
             return
         try:
-            self._settle()
+            self._settle(flush=True)
         except DivergedError:  # the last step diverged: the run says so, nothing more to close
             return
         self.closed = True
@@ -203,28 +207,30 @@ class Recorder:
     # ------------------------------------------------------------------ internals
     def _diverge(self, step: int, reason: str, values: dict[str, float]) -> None:
         if self.run is not None:
+            if self._reduction is not None:  # rank 0 went on recording until every rank knew
+                self.run.truncate_after(step)
             self.run.log_scalars(step, {k: v for k, v in values.items()})
             self.run.close("diverged", step=step, reason=reason)
         self.closed = True
         run_id = self.run.id if self.run is not None else f"(rank {self.layout.rank})"
         raise DivergedError(f"run {run_id} diverged at step {step}: {reason}", step)
 
-    def _settle(self) -> None:
-        """Finish the previous step's loss reduction (DDP): log its loss, or stop every rank."""
-        done = self._reduction.finish() if self._reduction is not None else None
-        if done is None:
-            return
-        step, loss, flagged = done
-        if loss is not None and not math.isfinite(loss):
-            self._diverge(step, f"loss is {loss}", {"loss": loss})
-        if flagged:
-            self._diverge(step, "parameters are not finite", {} if loss is None else {"loss": loss})
-        if loss is not None and self.run is not None and self.scalars(step):
-            self.run.log_scalars(step, {"loss": loss})
+    def _settle(self, flush: bool = False) -> None:
+        """Finish the loss reduction in flight (DDP; with ``flush`` also that of the queued steps):
+        log the losses, or stop every rank at the first step that diverged."""
+        done = self._reduction.finish(flush) if self._reduction is not None else []
+        for step, loss, flagged in done:
+            if loss is not None and not math.isfinite(loss):
+                self._diverge(step, f"loss is {loss}", {"loss": loss})
+            if flagged:
+                self._diverge(step, "parameters are not finite", {} if loss is None else {"loss": loss})
+            if loss is not None and self.run is not None and self.scalars(step):
+                self.run.log_scalars(step, {"loss": loss})
 
     def _measure(self, step: int, loss: float | None, first: bool, want_sketch: bool):
         """(loss averaged over ranks, [|theta|, |g|, |dtheta|], whether any gradient was seen,
-        sketch (k,) or None). Outside a single process, one all_reduce per step (every rank)."""
+        sketch (k,) or None). Under FSDP2 one all_reduce per step, under DDP one per reduce_every
+        steps (every rank)."""
         mode, state = self.layout.mode, self._state
         ts, gs = self._local() if state is not None else (self._params, [p.grad for p in self._params])
         sq = state.update(ts, gs, first) if state is not None else None
@@ -235,10 +241,11 @@ class Recorder:
         if mode == "replicated":
             # Rank 0 alone measures (the replicas are equal). The reduction averages the loss and
             # carries rank 0's verdict on finite parameters, so that every rank stops together;
-            # it finishes at the next step, which logs the loss (see _settle).
+            # it covers reduce_every steps and finishes at the step after it starts, which logs
+            # the losses (see _settle).
             norms = [math.sqrt(v) for v in sq.tolist()] if sq is not None else [0.0, 0.0, 0.0]
             self._settle()
-            self._reduction.start(step, loss, not math.isfinite(norms[0]))
+            self._reduction.add(step, loss, not math.isfinite(norms[0]))
             return None, norms, has_grad, sk
         # sharded: [loss, squared norms, sketch] of the local shards, summed over ranks.
         head = torch.tensor([0.0 if loss is None else loss], device=sq.device)
