@@ -19,10 +19,12 @@ Reported per workload (mean over seeds, and per seed): ``time_saving`` = 1 - t_f
 steps K+1..T (a fraction, wall time); ``cpu_time_saving``, the same on this process's CPU time
 (``time.process_time``: with one thread, the time the steps take without waiting for other
 processes; on a loaded machine the waiting is added to both sides, and where it does not grow with
-a step's own work it pulls the wall-time ratio towards 1); ``run_saving``, the wall-time saving over
-the whole run (prefix included, the watcher's cost charged to the frozen run); ``metric_gap`` =
-100 * (val accuracy full - frozen) at T (points; positive: freezing lost accuracy); the switch step
-and the kept/total parameter counts. Targets (issue 6): time_saving >= 0.25 and metric_gap <= 0.5.
+a step's own work it pulls the wall-time ratio towards 1); ``cpu_ms_per_step``, the CPU time of a
+step's forward (with the loss), backward, optimizer step and zero_grad on each side;
+``run_saving``, the wall-time saving over the whole run (prefix included, the watcher's cost
+charged to the frozen run); ``metric_gap`` = 100 * (val accuracy full - frozen) at T (points;
+positive: freezing lost accuracy); the switch step and the kept/total parameter counts.
+Targets (issue 6): time_saving >= 0.25 and metric_gap <= 0.5.
 
 Workloads: ``mnist1d-cnn`` at its defaults (2,000 steps, batch 128); ``cifar10-resnet20`` on the
 SYNTHETIC CIFAR-format stand-in (``synthetic=true``: the real CIFAR-10 batches are not on this
@@ -65,16 +67,24 @@ def config_for(name: str, args) -> RunConfig:
     return RunConfig.for_workload(name)
 
 
-def train_step(model, opt, wl, x, y, lr: float) -> tuple[float, float]:
-    """One timed step: (wall seconds, CPU seconds of this process)."""
-    t0, c0 = time.perf_counter(), time.process_time()
+PHASES = ("forward", "backward", "step", "zero_grad")  # CPU time of each, the lr writes counted in forward
+
+
+def train_step(model, opt, wl, x, y, lr: float) -> tuple[float, float, tuple[float, ...]]:
+    """One timed step: (wall seconds, CPU seconds of this process, CPU seconds of each of PHASES)."""
+    t0, c = time.perf_counter(), [time.process_time()]
     for g in opt.param_groups:
         g["lr"] = lr
     loss = wl.loss_fn(model(x), y)
+    c.append(time.process_time())
     loss.backward()
+    c.append(time.process_time())
     opt.step()
+    c.append(time.process_time())
     opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0, time.process_time() - c0
+    c.append(time.process_time())
+    wall = time.perf_counter() - t0
+    return wall, c[-1] - c[0], tuple(b - a for a, b in zip(c, c[1:]))
 
 
 def one_seed(name: str, seed: int, args, bar) -> dict:
@@ -114,14 +124,19 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
     if not ctl.state.switched:
         ctl.switch_now(hooks.ctx, "fallback: the criterion did not fire")
     timed = {"frozen": [0.0, 0.0], "full": [0.0, 0.0]}  # [wall, cpu] seconds over steps K+1..T
+    phases = {"frozen": [0.0] * len(PHASES), "full": [0.0] * len(PHASES)}
     for step in range(K + 1, cfg.steps + 1):
         x, y = batch(step)
         lr = cfg.lr * schedule_factor(cfg, step)
         order = ((model, opt, "frozen"), (full, full_opt, "full"))
         for m, o, which in (order if step % 2 else order[::-1]):
-            for i, dt in enumerate(train_step(m, o, wl, x, y, lr)):
-                timed[which][i] += dt
+            wall, cpu, parts = train_step(m, o, wl, x, y, lr)
+            timed[which][0] += wall
+            timed[which][1] += cpu
+            phases[which] = [a + b for a, b in zip(phases[which], parts)]
         bar.update(1)
+    n_after = max(cfg.steps - K, 1)
+    phase_ms = {w: {p: 1e3 * t / n_after for p, t in zip(PHASES, ts)} for w, ts in phases.items()}
     (t_frozen, c_frozen), (t_full, c_full) = timed["frozen"], timed["full"]
     ev = Trainer(cfg, progress=False)
     acc_frozen = ev.evaluate(model, data)["val_metric"]
@@ -130,7 +145,7 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
     return {"seed": seed, "switch_step": K, "switched_by": switched_by, "steps": cfg.steps,
             "kept_params": s.kept_params, "total_params": s.total_params,
             "t_prefix_s": t_prefix, "t_watch_s": t_watch, "t_frozen_s": t_frozen, "t_full_s": t_full,
-            "t_frozen_cpu_s": c_frozen, "t_full_cpu_s": c_full,
+            "t_frozen_cpu_s": c_frozen, "t_full_cpu_s": c_full, "cpu_ms_per_step": phase_ms,
             "time_saving": 1.0 - t_frozen / t_full if t_full > 0 else 0.0,
             "cpu_time_saving": 1.0 - c_frozen / c_full if c_full > 0 else 0.0,
             "run_saving": 1.0 - (t_prefix + t_watch + t_frozen) / (t_prefix + t_full),
@@ -144,7 +159,10 @@ def summarize(name: str, rows: list[dict], args) -> dict:
            "data": "synthetic CIFAR-format stand-in (synthetic=true)" if name == "cifar10-resnet20" else "generated",
            "time_saving": mean("time_saving"), "cpu_time_saving": mean("cpu_time_saving"), "run_saving": mean("run_saving"), "metric_gap": mean("metric_gap"),
            "switch_steps": [r["switch_step"] for r in rows], "switched_by": [r["switched_by"] for r in rows],
-           "kept_params": rows[0]["kept_params"], "total_params": rows[0]["total_params"], "per_seed": rows}
+           "kept_params": rows[0]["kept_params"], "total_params": rows[0]["total_params"],
+           "cpu_ms_per_step": {w: {ph: statistics.fmean(r["cpu_ms_per_step"][w][ph] for r in rows) for ph in PHASES}
+                               for w in ("frozen", "full")},
+           "per_seed": rows}
     out["meets_target"] = bool(out["time_saving"] >= 0.25 and out["metric_gap"] <= 0.5)
     return out
 
@@ -170,6 +188,9 @@ def print_table(result: dict, file=sys.stdout) -> None:
         print(f"{w['workload']:<18}{w['steps']:>6}{sw:>18}{w['kept_params']:>7}/{w['total_params']:<8}"
               f"{w['time_saving']:>13.3f}{w['cpu_time_saving']:>12.3f}{w['run_saving']:>12.3f}{w['metric_gap']:>11.2f}",
               file=file)
+        for which, ms in w["cpu_ms_per_step"].items():
+            print(f"  CPU ms per step, {which:>6}: " + ", ".join(f"{ph} {t:.2f}" for ph, t in ms.items())
+                  + f" (total {sum(ms.values()):.2f})", file=file)
         for r in w["per_seed"]:
             print(f"  seed {r['seed']}: switch {r['switch_step']} ({r['switched_by']}), frozen {r['t_frozen_s']:.1f}s vs "
                   f"full {r['t_full_s']:.1f}s wall ({r['t_frozen_cpu_s']:.1f}s vs {r['t_full_cpu_s']:.1f}s CPU), acc full {r['val_metric_full']:.4f} frozen {r['val_metric_frozen']:.4f}",
