@@ -1,7 +1,9 @@
-"""Wall-time overhead of SharpnessProbe every 16 steps (and of Cockpit's "full" preset as a peer).
+"""Time overhead of SharpnessProbe every 16 steps (and of Cockpit's "full" preset as a peer).
 
 Usage: python benchmarks/probe_overhead.py [--json] [--steps 160] [--repeats 5] [--threads 1]
-       [--workloads mnist1d-cnn mnist1d-mlp] [--every 16]
+       [--workloads mnist1d-cnn mnist1d-mlp] [--every 16] [--clock cpu|wall]
+Clock: process CPU time by default (with one thread, the work done, not inflated by other processes
+on a shared machine; as in ``hessian.py``), ``--clock wall`` for wall time.
 Run it with a venv that has cockpit-for-pytorch for the peer (``.venv-bench``); without it the
 peer entry is ``{"error": ...}``.
 
@@ -42,6 +44,8 @@ from trajscope.functional.hessian import top_hessian_eigenvalues
 from trajscope.probes.sharpness import SharpnessProbe
 
 RESULTS = Path(__file__).parent / "results"
+CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
+clock = CLOCK["cpu"]
 
 
 class Setup:
@@ -64,7 +68,7 @@ def train(s: Setup, probe: SharpnessProbe | None = None, on_probe=None):
     model, opt = s.model()
     ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=s.wl, data=s.data)
     outputs = []
-    t0 = time.perf_counter()
+    t0 = clock()
     for step, (x, y) in enumerate(s.batches, start=1):
         opt.zero_grad(set_to_none=True)
         s.wl.loss_fn(model(x), y).backward()
@@ -74,7 +78,7 @@ def train(s: Setup, probe: SharpnessProbe | None = None, on_probe=None):
             outputs.append(probe(ctx))
             if on_probe is not None:
                 on_probe(model, (x, y), outputs[-1])
-    return time.perf_counter() - t0, model, outputs
+    return clock() - t0, model, outputs
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -107,7 +111,7 @@ def cockpit_step_time(s: Setup, every: int) -> float:
     loss_fn = extend(torch.nn.CrossEntropyLoss())
     individual = torch.nn.CrossEntropyLoss(reduction="none")
     cockpit = Cockpit(model.parameters(), quantities=configuration("full", track_schedule=schedules.linear(every)))
-    t0 = time.perf_counter()
+    t0 = clock()
     for step, (x, y) in enumerate(s.batches):
         opt.zero_grad()
         out = model(x)
@@ -117,7 +121,7 @@ def cockpit_step_time(s: Setup, every: int) -> float:
         with cockpit(step, info=info):
             loss.backward(create_graph=cockpit.create_graph(step))
         opt.step()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def one_line(e: BaseException) -> str:
@@ -165,7 +169,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workloads", nargs="+", default=["mnist1d-cnn", "mnist1d-mlp"])
+    ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu",
+                    help="process CPU time (default; not inflated by other processes on a shared machine) or wall")
     args = ap.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     torch.set_num_threads(args.threads)
     per, peers = {}, {}
     for name in args.workloads:
@@ -174,6 +182,7 @@ def main() -> None:
     out = {"ratio": per[first]["ratio"], "accuracy": per[first]["accuracy"], "workload": first, "per_workload": per,
            "peers": {"cockpit-full": peers[first], "cockpit-full-per_workload": peers},
            "steps": args.steps, "every": args.every, "repeats": args.repeats, "threads": args.threads,
+           "clock": args.clock,
            "torch": torch.__version__, "probe": "SharpnessProbe(every=16) defaults: tol=value_tol=1e-2, method=auto (finite differences)"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "probe_overhead.json").write_text(json.dumps(out, indent=2))
