@@ -179,10 +179,10 @@ def test_loop_replays_input_layers_and_matches_the_reference(name, k):
     want = evaluate_points_reference(model, F.cross_entropy, batches, origin, dirs, coeffs)
     torch.testing.assert_close(torch.cat(loss) / 14, want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat(hits) / 14, want[1])
-    assert len(looped.replays) == 1 and looped.batched_loss  # the check at the first point kept it
+    assert len(looped.replays) == 1  # the check at the first point kept it
 
 
-def test_loop_drops_a_replay_that_does_not_match_and_loops_a_loss_vmap_cannot_batch():
+def test_loop_drops_a_replay_that_does_not_match():
     from trajscope.landscape.grid import _stack
     from trajscope.landscape.loop import Looped
 
@@ -195,9 +195,6 @@ def test_loop_drops_a_replay_that_does_not_match_and_loops_a_loss_vmap_cannot_ba
         def forward(self, x):
             return self.lin(x * (self.s.detach() > 0.5))
 
-    def loss(out, y):  # data-dependent Python control flow: vmap cannot batch it
-        return F.cross_entropy(out, y) * (2.0 if float(out.sum()) > 0 else 1.0)
-
     torch.manual_seed(0)
     model = Scaled()
     g = torch.Generator().manual_seed(2)
@@ -205,10 +202,10 @@ def test_loop_drops_a_replay_that_does_not_match_and_loops_a_loss_vmap_cannot_ba
     origin = {n: p.detach().clone() for n, p in model.named_parameters()}
     dirs = [{n: torch.randn(p.shape, generator=g) for n, p in origin.items()}]
     coeffs = torch.tensor([[-1.0], [0.3], [0.0], [1.0]], dtype=torch.float64)
-    looped = Looped(model, loss, origin, _stack(origin, dirs), True, [batch])
+    looped = Looped(model, F.cross_entropy, origin, _stack(origin, dirs), True, [batch])
     assert len(looped.replays) == 1  # s.detach(): no grad reaches the input, so it looks replayable
     got = looped(coeffs, [batch])
-    want = evaluate_points_reference(model, loss, [batch], origin, dirs, coeffs)
-    assert looped.replays == [] and not looped.batched_loss
+    want = evaluate_points_reference(model, F.cross_entropy, [batch], origin, dirs, coeffs)
+    assert looped.replays == []
     torch.testing.assert_close(got[0] / 10, want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1] / 10, want[1])
