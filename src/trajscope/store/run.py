@@ -310,12 +310,15 @@ class Run:
         self._sketch_rows.append((int(step), data))
 
     def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params",
-                      background: bool = False) -> Path:
-        """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row).
+                      background: bool = False) -> Path | None:
+        """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row);
+        return the file.
 
-        ``background``: copy the tensors now and write the file on a background thread; the index
-        row is added at the first commit after the file is in place (so a snapshot is never
-        listed before it is whole; a process killed in between leaves it unlisted).
+        ``background``: copy the tensors now and write the file on a background thread, or, under
+        :attr:`background_min_bytes`, into the pack of the next commit (None is returned; see
+        :meth:`write_snapshot`); the index row is added at the first commit after the file is in
+        place (so a snapshot is never listed before it is whole; a process killed in between
+        leaves it unlisted).
         """
         self._require_writable()
         data = encode_tensors(tensors) if background else None
@@ -325,7 +328,7 @@ class Run:
             return self.path / rel
         return self.write_snapshot(step, data, kind)
 
-    def write_snapshot(self, step: int, data, kind: str = "params") -> Path:
+    def write_snapshot(self, step: int, data, kind: str = "params") -> Path | None:
         """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``;
         or a list of bytes-like parts, e.g. a header and a tensor's buffer, which are read before
         this returns) as the ``kind`` snapshot of ``step``, on the background thread, indexed as
