@@ -24,8 +24,8 @@ reused by every product, so the operator is valid only while the parameters do n
 recomputes the forward pass per product), and on one batch of the Hessian the difference of
 gradients with the pieces of ReLU-type functions frozen at theta (:mod:`.fd_hvp`):
 ``"finite-difference"`` (forward difference, one gradient per product, relative error of the top
-eigenvalue ~1e-5-1e-4 on the mnist1d models; see :mod:`.fd_hvp`), ``"central-difference"`` (two
-gradients per product, ~1e-5). ``"auto"``: ``"finite-difference"`` where it applies (one batch,
+eigenvalue 2e-5-4e-4 in float32 on the mnist1d models; see :mod:`.fd_hvp`),
+``"central-difference"`` (two gradients per product, 2e-6-3e-4). ``"auto"``: ``"finite-difference"`` where it applies (one batch,
 the Hessian, no non-smooth function it cannot freeze in the forward pass), else double backward.
 An explicit difference method on a model with such a function raises ValueError.
 """
