@@ -22,12 +22,14 @@ theta - (steps / 2)(d1 + d2) and walks by in-place additions; row i is alpha = i
 snake walk puts column j at beta = j + 1 - steps/2 on even rows and j - steps/2 on odd rows. We hand
 exactly those 2,601 coefficient pairs and the two directions to ``trajscope.landscape.
 evaluate_points``. ``max_abs_diff`` is the largest loss difference over the points (the peer's
-in-place walk accumulates float32 rounding; ours computes each point directly).
+in-place walk accumulates float32 rounding over the whole plane; ours steps in place within a row
+but recomputes a point directly every 16 points, see ``trajscope.landscape.loop``).
 
 Timed in the same process, in a fresh random order each repeat: ``bound``, steps^2 plain ``model(x)``
 forward passes under no_grad (what both tools cannot beat); ``ours`` (strategy "auto": it times a
-vmapped chunk against a per-point loop and runs the faster); ``ours_vmap`` and ``ours_loop`` (each
-strategy forced); ``peer`` (``random_plane`` with ``deepcopy_model=True``, including its direction
+vmapped chunk against a per-point loop and runs the faster; the loop replays the first layer,
+which reads the data, from precomputed outputs, so it can beat the bound); ``ours_vmap`` and
+``ours_loop`` (each strategy forced); ``peer`` (``random_plane`` with ``deepcopy_model=True``, including its direction
 draws, a few ms). ``bound_ratio`` = ours / bound, ``speedup`` = peer / ours, from the best (minimum)
 time over repeats by default (``--stat median`` for medians; both are in ``figures``): on a shared
 machine interference only adds time, so the minimum is the least disturbed run.
