@@ -110,7 +110,7 @@ class _Replay:
                  budget: int):
         self.module = module
         self.y0 = [module(x) for x in inputs]
-        self.nbytes = sum(y.numel() * y.element_size() for y in self.y0) * (k + 2)  # y_0, y_j, base
+        self.nbytes = sum(y.numel() * y.element_size() for y in self.y0) * (k + 3)  # y_0, y_j, base, buffer
         if self.nbytes > budget:
             return
         local = dict(module.named_parameters(recurse=False))
