@@ -249,6 +249,14 @@ def test_successive_halving_race_resumes_through_rungs_bit_identically(tmp_path)
                      sharpness=True)
     assert again.lr == sel.lr and again.run["run_id"] == sel.run["run_id"]
     assert again.choose.steps == sel.choose.steps
+    # ... and reports the seconds the runs took when they were trained, read from the store: each
+    # loser's summed over its resumes, the winner's up to the last rung plus the segment after it
+    walls = ev["losers_wall_s"]
+    assert again.evidence["losers_wall_s"] == walls and all(w > 0 for w in walls.values())
+    late = next(int(i) for i, s in ev["losers_steps"].items() if s == 15)  # resumed at step 6
+    assert walls[str(late)] > first["candidates"][late]["wall_s"] > 0
+    w_at_15 = second["candidates"][first["kept"].index(ev["winner"])]["wall_s"]
+    assert again.train_wall_s == pytest.approx(sel.train_wall_s) and sel.train_wall_s > w_at_15 > 0
 
 
 def test_race_rule_keeps_the_tied_largest_rates_first():

@@ -2,7 +2,7 @@
 
 1. the curvature estimate eta_c (:func:`~trajscope.controllers.curvature_lr.curvature_select`);
 2. ``candidates`` rates eta_c * factor^j, j centred on 0 (default 6 rates, factor 2: a 32x span);
-3. rungs at the fractions ``rungs`` of the budget (default 5% and 10%, each at least 5 steps);
+3. rungs at the fractions ``rungs`` of the budget (default 2.5% and 10%, each at least 5 steps);
    every candidate is the final config at its rate plus a ``race`` controller that stops it at each
    rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
    keeps ``ceil(n * keep)`` of them (default half), which are resumed to the next rung, and so on;
@@ -14,9 +14,13 @@
 
 Compute (choosing): the curvature estimate's warm-up steps and Hessian-vector products, each
 loser's steps up to the rung it lost at (or diverged), and the race's own Hessian-vector products;
-the winner's steps are all training. With the defaults, 3 losers at 5% and 2 at 10%: 0.35 budgets,
-plus the curvature estimate (10-20 steps and about 20 products on at most 128 examples): a total
-of about 1.4-1.5 budgets on the benchmark's workloads. ``sharpness=True`` adds the stability-ratio
+the winner's steps are all training. With the defaults, 3 losers at 2.5% and 2 at 10%: 0.275
+budgets, plus the curvature estimate (10-20 steps and about 20 products on at most 128 examples):
+a total of about 1.33-1.40 budgets on the benchmark's workloads. Why a first rung at 2.5% and not
+5%: on a factor-2 grid of full runs (6 workload/optimizer pairs, 10 rates each), races of the 6
+rates around the measured curvature centres pick the same rate with a first rung at 2.5% as at 5%
+(the best of the grid on all 6 pairs), and the first rung is where the most candidates drop out,
+so halving it saves 0.075 budgets. ``sharpness=True`` adds the stability-ratio
 guard at the last rung, at about 2 x 15 x examples / batch_size steps per candidate left.
 """
 
@@ -31,7 +35,7 @@ from trajscope.config import CallbackSpec, RunConfig
 from trajscope.controllers.lr_common import Compute, ShortLoop
 from trajscope.errors import UsageError
 
-RUNGS = (0.05, 0.10)  # fractions of the budget where the race decides
+RUNGS = (0.025, 0.10)  # fractions of the budget where the race decides
 MIN_RUNG = 5          # steps
 
 
@@ -113,6 +117,14 @@ def _advance(configs: list[RunConfig], rung: int, root, executor, jobs, address,
     return out
 
 
+def _trained_s(r: dict[str, Any], rung: int) -> float:
+    """Seconds candidate ``r`` trained up to ``rung``: the race controller's count at that rung
+    (summed over resumes and read from the store, so a race read back reports the seconds its runs
+    took when they were trained), else the run's own wall time (a run that diverged before it)."""
+    ev = r.get("evidence", {}).get(rung) or {}
+    return float(ev["wall_s"]) if ev.get("wall_s") is not None else float(r.get("wall_s") or 0.0)
+
+
 def _rung_evidence(lr: float, r: dict[str, Any], rung: int) -> dict[str, Any]:
     if r["status"] == "failed":
         raise UsageError(f"race candidate at lr {lr:.4g} did not run: {r.get('error')}")
@@ -168,18 +180,21 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
                                      hvp_examples=n_ex if race_hvps else 0))
     # wall time: the curvature estimate and the losers' race runs (each run's own seconds, so the
     # figure does not depend on how many ran in parallel); the winner's race seconds are training
-    choose.wall_s = (t_race - t0) + sum(runs[i].get("wall_s", 0.0) for i in out_at)
+    choose.wall_s = (t_race - t0) + sum(_trained_s(runs[i], out_at[i]) for i in out_at)
     last = decisions[-1]
     reason = " | ".join(f"step {d['step']}: {d['reason']}" for d in decisions)
     sel = LRSelection("early-race", rates[w], cfg.optimizer, cfg.workload, cfg.steps, choose,
                       {"curvature": dict(curv.evidence), "rates": rates, "rungs": steps, "race_steps": steps[-1],
                        "rung_decisions": decisions, "candidates": last["candidates"], "verdicts": last["verdicts"],
-                       "winner": w, "losers_steps": {str(i): s for i, s in out_at.items()}},
+                       "winner": w, "losers_steps": {str(i): s for i, s in out_at.items()},
+                       "losers_wall_s": {str(i): _trained_s(runs[i], s) for i, s in out_at.items()}},
                       reason=reason, extra={"race_runs": [runs[i].get("run_id") for i in range(len(rates))]})
     if not train:
         return sel
     final = runs[w]
-    wall_before = final.get("wall_s", 0.0) if final["status"] == "stopped" else 0.0
+    # seconds up to the last rung (the race controller's count, also when read back from the store)
+    # plus those of the segment after it (the final run's own wall time, which restarts at a resume)
+    wall_before = _trained_s(final, steps[-1])
     for _ in steps:  # resumed through any rung left (at most every rung), to the end of the budget
         if final["status"] != "stopped":
             break
@@ -188,6 +203,7 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
         final = Trainer(configs[w], root=root, progress=progress).fit()
     sel.run = final
     sel.train_steps = int(final.get("steps") or 0)
-    sel.train_wall_s = float(final.get("wall_s") or 0.0) + wall_before
+    after = float(final.get("wall_s") or 0.0) if sel.train_steps > steps[-1] else 0.0
+    sel.train_wall_s = wall_before + after
     store(sel, step=steps[-1])
     return sel
