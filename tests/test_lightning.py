@@ -248,7 +248,7 @@ class RankModule(DigitsModule):
 def test_two_process_ddp_records_the_plain_loop_run(tmp_path, data, reference):
     root = tmp_path / "runs"
     cb = TrajscopeCallback(root, record=RECORD, module="model")
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=STEPS, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=STEPS, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          use_distributed_sampler=False, default_root_dir=str(tmp_path), callbacks=[cb])
     trainer.fit(RankModule(data))
