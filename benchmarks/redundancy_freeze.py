@@ -50,6 +50,7 @@ from trajscope import workloads
 from trajscope.config import RunConfig
 from trajscope.controllers import LoopHooks
 from trajscope.controllers.freeze import FreezeController
+from trajscope.controllers.frozen_ops import MODES as FROZEN_OPS_MODES, dense_modules, remove_frozen_ops
 from trajscope.train import Trainer
 from trajscope.train.optim import make_optimizer, schedule_factor
 from trajscope.train.trainer import BatchSampler
@@ -96,7 +97,7 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
     opt = make_optimizer(model, cfg)
     sampler = BatchSampler(len(data.x_train), cfg.batch_size, seed)
     ctl = FreezeController(window=args.window, threshold=args.threshold, patience=args.patience,
-                           last_layer=args.last_layer)
+                           last_layer=args.last_layer, frozen_ops=args.frozen_ops)
     hooks = LoopHooks([ctl], model, opt)
     t_watch = time.perf_counter()
     hooks.start()
@@ -117,6 +118,7 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
     switched_by = ctl.state.switch_reason if ctl.state.switched else "fallback"
     # fork: the full copy is the same state, unfrozen, with the same optimizer state
     full = copy.deepcopy(model)
+    remove_frozen_ops(full)  # the full copy runs the plain modules (no wrapper check either)
     for p in full.parameters():
         p.requires_grad_(True)
     full_opt = make_optimizer(full, cfg)
@@ -143,7 +145,7 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
     acc_full = ev.evaluate(full, data)["val_metric"]
     s = ctl.state
     return {"seed": seed, "switch_step": K, "switched_by": switched_by, "steps": cfg.steps,
-            "kept_params": s.kept_params, "total_params": s.total_params,
+            "kept_params": s.kept_params, "total_params": s.total_params, "dense_modules": dense_modules(model),
             "t_prefix_s": t_prefix, "t_watch_s": t_watch, "t_frozen_s": t_frozen, "t_full_s": t_full,
             "t_frozen_cpu_s": c_frozen, "t_full_cpu_s": c_full, "cpu_ms_per_step": phase_ms,
             "time_saving": 1.0 - t_frozen / t_full if t_full > 0 else 0.0,
@@ -170,6 +172,7 @@ def summarize(name: str, rows: list[dict], args) -> dict:
 def assemble(rows: dict[str, list[dict]], args) -> dict:
     result = {"benchmark": "redundancy_freeze", "timed": TIMED, "threads": args.threads,
               "kept": "normalization scales and shifts" + (" + last layer" if args.last_layer else ""),
+              "frozen_ops": args.frozen_ops,
               "criterion": {"threshold": args.threshold, "window": args.window, "patience": args.patience,
                             "every": 10},
               "workloads": [summarize(n, r, args) for n, r in rows.items()]}
@@ -205,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--last-layer", action="store_true", help="keep the last layer trainable too")
+    ap.add_argument("--frozen-ops", choices=FROZEN_OPS_MODES, default="dense",
+                    help="the frozen convolutions' dense path (trajscope.controllers.frozen_ops)")
     ap.add_argument("--fallback", type=float, default=0.75, help="fork here (fraction of T) if the criterion has not fired by then")
     ap.add_argument("--resnet-steps", type=int, default=240)
     ap.add_argument("--resnet-batch", type=int, default=32)

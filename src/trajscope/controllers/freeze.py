@@ -9,6 +9,12 @@ of every layer between the loss and the earliest kept parameter; a frozen prefix
 input feeds builds no autograd graph at all (so running it under ``no_grad`` would save nothing).
 On a small model the saving is therefore the frozen weight gradients plus their optimizer updates,
 about 23 % of a step for ``mnist1d-cnn`` on one CPU thread (``benchmarks/redundancy_freeze.py``).
+A frozen convolution is moreover a constant linear map: with ``frozen_ops="dense"`` (default) each
+frozen convolution on a small feature map (dense matrix of at most 64 Ki entries) runs as one
+product with that matrix, built once, forward and input gradient
+(:mod:`trajscope.controllers.frozen_ops`; equal to float rounding); ``"native"`` keeps the
+convolution kernels. The switch decision's evidence names the convolutions given the dense path
+(``dense_candidates``).
 
 The kept set (``keep``): ``"norm"`` (default), the scales and shifts of every normalization module
 (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm); or a glob of parameter names
@@ -47,6 +53,7 @@ import torch
 from torch import nn
 
 from trajscope.controllers.base import Controller, register
+from trajscope.controllers.frozen_ops import MODES as FROZEN_OPS_MODES, install_frozen_ops
 from trajscope.controllers.regime import RegimeGate
 from trajscope.errors import UsageError
 from trajscope.events import StepContext
@@ -146,8 +153,11 @@ class FreezeController(Controller):
     def __init__(self, name: str | None = None, every: int | None = None, *, at_step: int | None = None,
                  keep: str | list[str] = "norm", last_layer: bool = False, window: int = 50,
                  threshold: float = 0.05, patience: int = 3, min_step: int = 0, sketch_dim: int = 512,
-                 sketch_seed: int = 0, regime: str | None = None):
+                 sketch_seed: int = 0, regime: str | None = None, frozen_ops: str = "dense"):
         super().__init__(name, every if every is not None else 10)
+        if frozen_ops not in FROZEN_OPS_MODES:
+            raise UsageError(f"freeze: frozen_ops must be one of {', '.join(FROZEN_OPS_MODES)}, got {frozen_ops!r}")
+        self.frozen_ops = frozen_ops
         if at_step is not None and int(at_step) < 0:
             raise UsageError(f"freeze: at_step must be >= 0, got {at_step}")
         if window < 3 or patience < 1 or sketch_dim < 1 or not threshold >= 0:
@@ -178,6 +188,7 @@ class FreezeController(Controller):
         self._kept = kept_parameter_names(ctx.model, self.keep, self.last_layer)  # a bad set fails now
         if self.state.switched:  # resumed after the switch: freeze again, silently
             freeze_except(ctx.model, self._kept)
+            install_frozen_ops(ctx.model, self.frozen_ops)
         elif self.at_step is not None and self.at_step <= ctx.step:
             self._switch(ctx, "at_step", f"forced switch at_step={self.at_step}", {})
         elif self.watching and self._reference is None:
@@ -229,6 +240,7 @@ class FreezeController(Controller):
         if self._kept is None:
             self._kept = kept_parameter_names(ctx.model, self.keep, self.last_layer)
         counts = freeze_except(ctx.model, self._kept)
+        dense = install_frozen_ops(ctx.model, self.frozen_ops)
         s = self.state
         s.switched, s.switch_step, s.switch_reason = True, int(ctx.step), why
         s.kept_params, s.frozen_params, s.total_params = counts["kept_params"], counts["frozen_params"], counts["total_params"]
@@ -236,7 +248,8 @@ class FreezeController(Controller):
         self._window.clear()
         self.log_values(ctx, {"trainable_params": counts["kept_params"]})
         self.decide(ctx, f"froze {counts['frozen_params']:,} of {counts['total_params']:,} parameters; "
-                    f"{counts['kept_params']:,} stay trainable", reason=reason, evidence={**evidence, **counts})
+                    f"{counts['kept_params']:,} stay trainable", reason=reason,
+                    evidence={**evidence, **counts, "frozen_ops": self.frozen_ops, "dense_candidates": dense})
 
     def buffers(self) -> dict[str, Any]:
         out: dict[str, Any] = {"regime": self.gate.state()}
