@@ -135,32 +135,37 @@ class PendingReduction:
         if every < 1:
             raise UsageError(f"reduce_every must be >= 1, got {every}")
         self.layout, self.every = layout, every
-        self._queued: list[tuple[int, float | None, bool]] = []  # (step, loss, flagged), not yet sent
+        self._queued: list[tuple[int, float | None]] = []  # (step, loss), not yet sent
         self._pending = None
 
-    def add(self, step: int, loss: float | None, flagged: bool) -> None:
-        """Queue one step; start the reduction once ``every`` steps are queued (call :meth:`finish`
-        first: one reduction in flight at a time)."""
-        self._queued.append((step, loss, flagged))
-        if len(self._queued) >= self.every:
-            self._start()
+    def add(self, step: int, loss: float | None) -> None:
+        """Queue one step; once :attr:`due`, call :meth:`start` (after :meth:`finish`: one
+        reduction in flight at a time)."""
+        self._queued.append((step, loss))
 
-    def _start(self) -> None:
+    @property
+    def due(self) -> bool:
+        return len(self._queued) >= self.every
+
+    def start(self, flagged: dict[int, bool]) -> None:
+        """Start the reduction of the queued steps, with this rank's verdicts ``flagged[step]``
+        (taken out of the dict; a step missing from it counts as finite)."""
         import torch.distributed as dist
 
         rows = self._queued
         self._queued = []
-        vec = torch.tensor([[0.0 if loss is None else loss for _, loss, _ in rows],
-                            [float(flagged) for _, _, flagged in rows]], device=self.layout.device)
+        vec = torch.tensor([[0.0 if loss is None else loss for _, loss in rows],
+                            [float(flagged.pop(step, False)) for step, _ in rows]], device=self.layout.device)
         work = dist.all_reduce(vec, group=self.layout.group, async_op=True)
         self._pending = (rows, vec, work)
 
-    def finish(self, flush: bool = False) -> list[tuple[int, float | None, bool]]:
+    def finish(self, flush: bool = False, flagged: dict[int, bool] | None = None) -> list[tuple[int, float | None, bool]]:
         """[(step, loss averaged over ranks or None, whether any rank flagged it)] of the reduction
-        in flight (and, with ``flush``, of the queued steps too, reduced now), in step order."""
+        in flight (and, with ``flush``, of the queued steps too, reduced now with ``flagged``),
+        in step order."""
         if flush and self._queued:
             done = self.finish()
-            self._start()
+            self.start({} if flagged is None else flagged)
             return done + self.finish()
         if self._pending is None:
             return []
@@ -169,4 +174,4 @@ class PendingReduction:
         work.wait()
         totals, flags = vec.tolist()
         return [(step, None if loss is None else total / self.layout.world, flag > 0)
-                for (step, loss, _), total, flag in zip(rows, totals, flags)]
+                for (step, loss), total, flag in zip(rows, totals, flags)]

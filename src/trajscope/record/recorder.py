@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -32,11 +32,28 @@ from trajscope import schedules as S
 from trajscope.errors import DivergedError, UsageError
 from trajscope.record import checkpoint as ckpt
 from trajscope.record import distributed as D
-from trajscope.record.state import FlatState, TensorState
+from trajscope.record.plan import Plan
+from trajscope.record.state import FlatState, TensorState, batch_rows
 from trajscope.store import Run
 from trajscope.store.tensors import safetensors_header
 
 ParamFilter = Callable[[str], bool]
+
+
+class _Late(Exception):
+    """A divergence found while the run was being flushed by someone else (see _hand_over)."""
+
+
+class _Pending(NamedTuple):
+    """What a step left for :meth:`Recorder._process`: the values taken when it was recorded."""
+
+    step: int
+    loss: float | None
+    lrs: dict | None  # the learning rates at the step; None if scalars are not on the schedule
+    extra: dict
+    has_grad: bool
+    first: bool
+    sketch: bool
 
 
 def name_filter(params: str | Iterable[str] | ParamFilter | None) -> ParamFilter:
@@ -69,8 +86,13 @@ class Recorder:
         start_step: the step of the model's current state (0 for a new run; the checkpoint step on
             resume). The state at ``start_step`` is recorded at construction if ``record_start``.
         flat_max: up to this many (local) parameter elements, the per-step state is kept in flat
-            float32 buffers (32 bytes per element, fastest on small models); above it, per tensor
-            (one copy of the parameters).
+            float32 rows (fastest on small models; see ``record/state.py``): a step copies the
+            parameters and gradients, and the norms and sketches of up to 16 steps (fewer on
+            larger models, ``state.batch_rows``) are computed together, at the latest when the
+            database commits, the recorder closes or (DDP) the loss reduction starts; so a
+            non-finite parameter vector is noticed up to that many steps late, and what was
+            recorded after it is dropped. Above ``flat_max``, per tensor (one copy of the
+            parameters), each step at once.
         process_group: the torch.distributed group the model trains in (default: the default group).
         reduce_every: under DDP, the losses (and non-finite verdicts) of this many steps are
             averaged over the ranks in one all_reduce (see ``PendingReduction``).
@@ -90,6 +112,8 @@ class Recorder:
         self.buffers = S.as_schedule(buffers)
         self.checkpoints = S.as_schedule(checkpoints)
         self.sketch_schedule = S.as_schedule(sketch) if sketch_dim > 0 else S.never()
+        self._plan = Plan((self.scalars, self.sketch_schedule, self.snapshots, self.grads, self.buffers,
+                           self.optimizer_state, self.checkpoints))
         self.commit_every_s = commit_every_s
         self._keep = name_filter(params)
         self._named = [(n, p) for n, p in self.model.named_parameters()]
@@ -104,6 +128,12 @@ class Recorder:
         self._state = None
         self._reduction = D.PendingReduction(self.layout, reduce_every) if self.layout.mode == "replicated" else None
         self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
+        self._pending: list[_Pending] = []  # steps pushed into the state, not yet processed
+        self._flags: dict[int, bool] = {}  # DDP, rank 0: step -> parameters not finite
+        self._late = None  # (step, reason, values) of a divergence found by a flush of the run
+        self._in_hook = False
+        if run is not None:
+            run.flush_hooks.append(self._hand_over)
         if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
             self._state = self._make_state(flat_max)
             self._state.prime(self._local()[0])  # theta_{start}: the first update_norm after a resume
@@ -112,6 +142,7 @@ class Recorder:
         if record_start:
             self._record(start_step, loss=None, optimizer=None, extra={}, first=True)
             if self.run is not None:
+                self._process()
                 self.run.commit()
 
     def _check_run_and_layout(self, run, optimizer_state, checkpoints) -> None:
@@ -140,7 +171,9 @@ class Recorder:
         device = next(iter(devices)) if devices else torch.device("cpu")
         if (len(devices) <= 1 and sum(m for _, _, m in layout) <= flat_max
                 and all(p.is_floating_point() for p in self._params)):
-            state = FlatState([t.shape for t, _ in parts], device, layout, self._sketcher)
+            # FSDP2: every rank processes each step at once (the processing is a collective)
+            batch = 1 if self.layout.mode == "sharded" else batch_rows(sum(m for _, _, m in layout))
+            state = FlatState([t.shape for t, _ in parts], device, layout, self._sketcher, batch)
             whole = [(n, p.dtype, tuple(p.shape)) for n, p in self._named if self._keep(n)]
             if self.layout.mode != "sharded" and len(whole) == len(self._named) \
                     and all(p.dtype == torch.float32 for p in self._params):
@@ -164,13 +197,17 @@ class Recorder:
         """
         if self.closed:
             raise RuntimeError("Recorder.step called after close")
+        if self._late is not None:
+            self._diverge(*self._late)
         self._step += 1
-        loss_value = None if loss is None else float(loss.detach() if torch.is_tensor(loss) else loss)
+        loss_value = None if loss is None else (loss.item() if torch.is_tensor(loss) else float(loss))
         if loss_value is not None and self.layout.mode == "single" and not math.isfinite(loss_value):
+            self._process()  # an earlier step's parameters may have diverged first
             self._diverge(self._step, f"loss is {loss_value}", {"loss": loss_value})
         self._record(self._step, loss_value, optimizer, extra, checkpoint_extra=checkpoint_extra)
-        if self.run is not None:
-            self.run.maybe_commit(self.commit_every_s)
+        if self.run is not None and self.run.commit_due(self.commit_every_s):
+            self._process()
+            self.run.commit()
         return self._step
 
     def log(self, step: int | None = None, **values: float) -> None:
@@ -191,11 +228,15 @@ class Recorder:
         if self.closed:
             return
         try:
+            if self._late is not None:
+                self._diverge(*self._late)
+            self._process()
             self._settle(flush=True)
         except DivergedError:  # the last step diverged: the run says so, nothing more to close
             return
         self.closed = True
         if self.run is not None and self.run.writable:
+            self._unhook()
             self.run.close(status if self.run.status == "running" else None, step=self._step)
 
     def __enter__(self) -> "Recorder":
@@ -206,8 +247,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ internals
     def _diverge(self, step: int, reason: str, values: dict[str, float]) -> None:
+        """Mark the run diverged at ``step`` (after recording the steps before it that are still
+        pending, which may show an earlier divergence) and raise DivergedError."""
+        if self._pending:  # (a prefix of the pushed steps: the state processes them in order)
+            self._pending = [r for r in self._pending if r.step <= step]
+            self._process()
+        self._pending, self._late = [], None
         if self.run is not None:
-            if self._reduction is not None:  # rank 0 went on recording until every rank knew
+            self._unhook()
+            if step < self._step:  # rank 0 went on recording until it (or every rank) knew
                 self.run.truncate_after(step)
             self.run.log_scalars(step, {k: v for k, v in values.items()})
             self.run.close("diverged", step=step, reason=reason)
@@ -218,7 +266,7 @@ class Recorder:
     def _settle(self, flush: bool = False) -> None:
         """Finish the loss reduction in flight (DDP; with ``flush`` also that of the queued steps):
         log the losses, or stop every rank at the first step that diverged."""
-        done = self._reduction.finish(flush) if self._reduction is not None else []
+        done = self._reduction.finish(flush, self._flags) if self._reduction is not None else []
         for step, loss, flagged in done:
             if loss is not None and not math.isfinite(loss):
                 self._diverge(step, f"loss is {loss}", {"loss": loss})
@@ -227,81 +275,146 @@ class Recorder:
             if loss is not None and self.run is not None and self.scalars(step):
                 self.run.log_scalars(step, {"loss": loss})
 
-    def _measure(self, step: int, loss: float | None, first: bool, want_sketch: bool):
-        """(loss averaged over ranks, [|theta|, |g|, |dtheta|], whether any gradient was seen,
-        sketch (k,) or None). Under FSDP2 one all_reduce per step, under DDP one per reduce_every
-        steps (every rank)."""
-        mode, state = self.layout.mode, self._state
-        ts, gs = self._local() if state is not None else (self._params, [p.grad for p in self._params])
-        sq = state.update(ts, gs, first) if state is not None else None
-        sk = state.sketch(ts) if state is not None and want_sketch else None
-        has_grad = any(g is not None for g in gs)
-        if mode == "single":
-            return loss, [math.sqrt(v) for v in sq.tolist()], has_grad, sk
-        if mode == "replicated":
-            # Rank 0 alone measures (the replicas are equal). The reduction averages the loss and
-            # carries rank 0's verdict on finite parameters, so that every rank stops together;
-            # it covers reduce_every steps and finishes at the step after it starts, which logs
-            # the losses (see _settle).
-            norms = [math.sqrt(v) for v in sq.tolist()] if sq is not None else [0.0, 0.0, 0.0]
-            self._settle()
-            self._reduction.add(step, loss, not math.isfinite(norms[0]))
-            return None, norms, has_grad, sk
-        # sharded: [loss, squared norms, sketch] of the local shards, summed over ranks.
-        head = torch.tensor([0.0 if loss is None else loss], device=sq.device)
-        vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else [])))
-        host = vec[:4].tolist()
-        norms = [math.sqrt(v) if v >= 0 else math.nan for v in host[1:4]]
-        return (None if loss is None else host[0] / self.layout.world), norms, has_grad, \
-            (vec[4:] if sk is not None else None)
-
     def _record(self, step: int, loss: float | None, optimizer, extra: dict, first: bool = False,
                 checkpoint_extra: dict | None = None) -> None:
-        run, want_sketch = self.run, self._sketcher is not None and self.sketch_schedule(step)
+        """Push the step into the state, write its snapshots; the norms, sketch and scalar rows
+        follow at :meth:`_process` (at once for :class:`TensorState` and under FSDP2)."""
+        run, state = self.run, self._state
+        if self._reduction is not None:
+            self._settle()  # the reduction started at the step before: log its losses or stop
+        want_scalars, want_sketch, *plan = self._plan(step)
+        lrs = None
+        if want_scalars and run is not None:
+            lrs = {}
+            if optimizer is not None:
+                for i, group in enumerate(optimizer.param_groups):
+                    lrs["lr" if i == 0 else f"lr/{i}"] = float(group["lr"])
+            extra = {k: float(v) for k, v in extra.items()} if extra else extra
         with torch.no_grad():
-            loss, norms, has_grad, sk = self._measure(step, loss, first, want_sketch)
-            if loss is not None and not math.isfinite(loss):
-                self._diverge(step, f"loss is {loss}", {"loss": loss})
-            if not math.isfinite(norms[0]) and self._reduction is None:
-                self._diverge(step, "parameters are not finite", {"param_norm": norms[0]})
-            if self.scalars(step) and run is not None:
-                values: dict[str, float] = {}
-                if loss is not None:
-                    values["loss"] = loss
-                if optimizer is not None:
-                    for i, group in enumerate(optimizer.param_groups):
-                        values["lr" if i == 0 else f"lr/{i}"] = float(group["lr"])
-                values["param_norm"] = norms[0]
-                if has_grad:
-                    values["grad_norm"] = norms[1]
-                if not first:
-                    values["update_norm"] = norms[2]
-                values.update({k: float(v) for k, v in extra.items()})
-                run.log_scalars(step, values)
-            if sk is not None and run is not None:
-                run.log_sketch(step, sk, k=self._sketcher.k, seed=self._sketcher.seed)
-            self._snapshots(step, optimizer, first, checkpoint_extra)
+            row = None
+            if state is not None:
+                if state.full:
+                    self._process()
+                ts, gs = self._local()
+                row = state.push(ts, gs, first)
+                self._pending.append(_Pending(step, loss, lrs, extra, any(g is not None for g in gs), first,
+                                              want_sketch and self._sketcher is not None))
+            self._snapshots(step, optimizer, first, checkpoint_extra, row, plan)
+            if state is not None and state.batch == 1:  # TensorState sketches the live tensors
+                self._process()
+            if self._reduction is not None:
+                self._reduction.add(step, loss)
+                if self._reduction.due:
+                    self._process()  # rank 0: the verdicts on the parameters of the queued steps
+                    self._reduction.start(self._flags)
 
-    def _snapshots(self, step: int, optimizer, first: bool, checkpoint_extra: dict | None) -> None:
+    def _unhook(self) -> None:
+        if self._hand_over in self.run.flush_hooks:
+            self.run.flush_hooks.remove(self._hand_over)
+
+    def _hand_over(self) -> None:
+        """The run is being flushed (a commit, a close, a read) by someone else: record the
+        pending steps into it. A divergence found here is raised at the next step or close."""
+        if self._pending and not self._in_hook and self.layout.mode != "sharded" and self.run.writable:
+            self._in_hook = True
+            try:
+                self._process()
+            finally:
+                self._in_hook = False
+
+    def _stop_at(self, step: int, reason: str, values: dict) -> None:
+        """Diverged at ``step``: now, or, inside a flush of the run, at the next step or close."""
+        if self._in_hook:
+            self._late = (step, reason, values)
+            raise _Late()
+        self._diverge(step, reason, values)
+
+    def _process(self) -> None:
+        try:
+            self._process_rows()
+        except _Late:
+            pass
+
+    def _process_rows(self) -> None:
+        """Norms, sketches and scalar rows of the pushed steps, in step order; a non-finite loss
+        (FSDP2: averaged over ranks) or parameter vector marks the run diverged at its step. Under
+        DDP rank 0 keeps each step's verdict on its parameters for the loss reduction instead."""
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+        mode, run = self.layout.mode, self.run
+        want_sketch = any(r.sketch for r in rows)
+        sq, sk = self._state.process(want_sketch)
+        losses = [r.loss for r in rows]
+        if mode == "sharded":  # [loss, squared norms, sketch] of the local shards, summed over ranks
+            head = torch.tensor([[0.0 if x is None else x] for x in losses], device=sq.device)
+            vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else []), dim=1))
+            host = vec[:, :4].tolist()
+            losses = [None if x is None else h[0] / self.layout.world for x, h in zip(losses, host)]
+            sq_host = [h[1:] for h in host]
+            sk = vec[:, 4:] if sk is not None else None
+        else:
+            sq_host = sq.tolist()
+        sketch_steps, sketch_rows = [], []
+        for i, (r, loss, sqs) in enumerate(zip(rows, losses, sq_host)):
+            norms = [math.sqrt(v) if v >= 0 else math.nan for v in sqs]
+            if mode == "replicated":
+                self._flags[r.step] = not math.isfinite(norms[0])
+            else:
+                if loss is not None and not math.isfinite(loss):
+                    self._log_sketches(sketch_steps, sk, sketch_rows)
+                    self._stop_at(r.step, f"loss is {loss}", {"loss": loss})
+                if not math.isfinite(norms[0]):
+                    self._log_sketches(sketch_steps, sk, sketch_rows)
+                    self._stop_at(r.step, "parameters are not finite", {"param_norm": norms[0]})
+            if r.lrs is not None and run is not None:
+                values: dict[str, float] = {}
+                if loss is not None and mode != "replicated":  # DDP: the loss comes from _settle
+                    values["loss"] = loss
+                values.update(r.lrs)
+                values["param_norm"] = norms[0]
+                if r.has_grad:
+                    values["grad_norm"] = norms[1]
+                if not r.first:
+                    values["update_norm"] = norms[2]
+                if r.extra:
+                    values.update(r.extra)
+                run.log_scalars(r.step, values)
+            if r.sketch and sk is not None:
+                sketch_steps.append(r.step)
+                sketch_rows.append(i)
+        self._log_sketches(sketch_steps, sk, sketch_rows)
+
+    def _log_sketches(self, steps: list[int], sk, rows: list[int]) -> None:
+        if steps and self.run is not None:
+            self.run.log_sketches(steps, sk[rows] if len(rows) < sk.shape[0] else sk,
+                                  k=self._sketcher.k, seed=self._sketcher.seed)
+        steps.clear()
+        rows.clear()
+
+    def _snapshots(self, step: int, optimizer, first: bool, checkpoint_extra: dict | None, row, plan) -> None:
+        """Snapshots, optimizer state and checkpoints due at ``step`` (``plan``: whether the
+        snapshot, gradient, buffer, optimizer-state and checkpoint schedules fire)."""
         run, sharded = self.run, self.layout.mode == "sharded"
         if run is None and not sharded:
             return
-        if self.snapshots(step):
+        snapshots, grads, buffers, optimizer_state, checkpoints = plan
+        if snapshots:
             if self._snap_head is not None:  # the flat buffer's bytes are the file's data
-                run.write_snapshot(step, [self._snap_head, self._state.theta.cpu().numpy()], "params")
+                run.write_snapshot(step, [self._snap_head, self._state.theta(row).cpu().numpy()], "params")
             else:
                 self._save(step, "params", {n: p for n, p in self._named if self._keep(n)})
-        if self.grads(step) and any(p.grad is not None for p in self._params):
+        if grads and any(p.grad is not None for p in self._params):
             self._save(step, "grads", {n: p.grad for n, p in self._named if self._keep(n) and p.grad is not None})
-        if self.buffers(step) and run is not None:
+        if buffers and run is not None:
             bufs = dict(self.model.named_buffers())
             if bufs:
                 run.save_snapshot(step, bufs, kind="buffers", background=True)
         if run is None:
             return
-        if optimizer is not None and self.optimizer_state(step):
+        if optimizer is not None and optimizer_state:
             run.save_state(step, optimizer.state_dict(), kind="optim")
-        if self.checkpoints(step) and (optimizer is not None or first):
+        if checkpoints and (optimizer is not None or first):
             self.save_checkpoint(optimizer, checkpoint_extra, step=step)
 
     def _save(self, step: int, kind: str, tensors: dict[str, torch.Tensor]) -> None:

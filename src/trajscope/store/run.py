@@ -127,6 +127,10 @@ class Run:
         self._pack: list[tuple[int, str, bytes]] = []
         self._pack_bytes = 0
         self._offsets = has_byte_offsets(con)  # False: a run from before packs (read-only)
+        # Called first at every flush (commit, close, reads): a writer that keeps rows of its own
+        # (the Recorder's pending steps) hands them over, so whoever commits or closes the run
+        # commits them too.
+        self.flush_hooks: list = []
 
     # ---------------------------------------------------------------- creating and opening
     @classmethod
@@ -309,6 +313,15 @@ class Run:
             self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
         self._sketch_rows.append((int(step), data))
 
+    def log_sketches(self, steps: list[int], sketches: torch.Tensor, k: int | None = None,
+                     seed: int | None = None) -> None:
+        """Record the (n, k) float32 sketches of ``steps`` (n of them), as :meth:`log_sketch` each."""
+        self._require_writable()
+        data = sketches.detach().to("cpu", torch.float32).numpy()
+        if "sketch" not in self._meta:
+            self._set_meta(sketch={"k": int(data.shape[1]) if k is None else k, "seed": seed})
+        self._sketch_rows.extend((int(step), row.tobytes()) for step, row in zip(steps, data))
+
     def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params",
                       background: bool = False) -> Path | None:
         """Write named tensors as the ``kind`` snapshot of ``step`` (atomic file, then index row);
@@ -408,6 +421,8 @@ class Run:
     def _flush(self) -> None:
         """Write the waiting pack and the queued scalar, sketch and snapshot rows into the current
         transaction."""
+        for hook in list(self.flush_hooks):
+            hook()
         self._write_pack()
         if self._scalar_rows:
             self._con.executemany("INSERT OR REPLACE INTO scalars (step, name, value) VALUES (?, ?, ?)",
@@ -428,9 +443,13 @@ class Run:
         self._con.commit()
         self._last_commit = time.monotonic()
 
+    def commit_due(self, every_s: float) -> bool:
+        """Whether at least ``every_s`` seconds passed since the last commit (0: always)."""
+        return every_s <= 0 or time.monotonic() - self._last_commit >= every_s
+
     def maybe_commit(self, every_s: float) -> None:
-        """Commit if at least ``every_s`` seconds passed since the last commit (0: always)."""
-        if every_s <= 0 or time.monotonic() - self._last_commit >= every_s:
+        """Commit if :meth:`commit_due` (``every_s``)."""
+        if self.commit_due(every_s):
             self.commit()
 
     def truncate_after(self, step: int) -> None:
