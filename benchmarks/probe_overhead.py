@@ -64,20 +64,30 @@ class Setup:
 
 
 def train(s: Setup, probe: SharpnessProbe | None = None, on_probe=None):
-    """(seconds, model, probe outputs) of one plain (or probed) run over ``s.batches``."""
+    """(seconds, model, probe outputs) of one plain (or probed) run over ``s.batches``; the probe
+    runs at its event (after the optimizer step, or between backward and step for
+    ``at="after_backward"``, with the step's loss in ``ctx.loss`` and its gradient in ``p.grad``)."""
     model, opt = s.model()
     ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=s.wl, data=s.data)
     outputs = []
-    t0 = clock()
-    for step, (x, y) in enumerate(s.batches, start=1):
-        opt.zero_grad(set_to_none=True)
-        s.wl.loss_fn(model(x), y).backward()
-        opt.step()
+
+    def measure(step, x, y, loss):
         if probe is not None and probe.schedule(step):
-            ctx.step, ctx.batch = step, (x, y)
+            ctx.step, ctx.batch, ctx.loss = step, (x, y), loss
             outputs.append(probe(ctx))
             if on_probe is not None:
                 on_probe(model, (x, y), outputs[-1])
+    early = probe is not None and probe.at == "after_backward"
+    t0 = clock()
+    for step, (x, y) in enumerate(s.batches, start=1):
+        opt.zero_grad(set_to_none=True)
+        loss = s.wl.loss_fn(model(x), y)
+        loss.backward()
+        if early:
+            measure(step, x, y, loss)
+        opt.step()
+        if not early:
+            measure(step, x, y, None)
     return clock() - t0, model, outputs
 
 
@@ -86,7 +96,7 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def accuracy(s: Setup, every: int) -> dict:
+def accuracy(s: Setup, every: int, at: str = "step_end") -> dict:
     errs = []
 
     def check(model, batch, out):
@@ -94,7 +104,7 @@ def accuracy(s: Setup, every: int) -> dict:
                                       method="double-backward").values[0]
         errs.append(abs(out["lambda_max"] - float(ref)) / abs(float(ref)))
 
-    _, _, outs = train(s, SharpnessProbe(every=every), on_probe=check)
+    _, _, outs = train(s, SharpnessProbe(every=every, at=at), on_probe=check)
     return {"median_rel_err": statistics.median(errs), "max_rel_err": max(errs),
             "mean_iterations": statistics.fmean(o["iterations"] for o in outs),
             "max_residual": max(o["residual"] for o in outs), "measurements": len(outs)}
@@ -130,23 +140,33 @@ def one_line(e: BaseException) -> str:
 
 def bench(name: str, args) -> tuple[dict, dict]:
     s = Setup(name, args.steps)
-    train(s), train(s, SharpnessProbe(every=args.every))  # warm-up (allocator, imports)
-    plain, probed, same = [], [], True
+    ats = ("step_end", "after_backward") if args.at == "both" else (args.at,)
+    kinds = (None, *ats)
+    make = lambda at: None if at is None else SharpnessProbe(every=args.every, at=at)  # noqa: E731
+    for at in kinds:  # warm-up (allocator, imports)
+        train(s, make(at))
+    times: dict = {k: [] for k in kinds}
+    same = True
     for r in range(args.repeats):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        for with_probe in order:
-            t, model, _ = train(s, SharpnessProbe(every=args.every) if with_probe else None)
-            (probed if with_probe else plain).append((t, model))
-        same &= same_state(plain[-1][1], probed[-1][1])
-    ratios = [tp / tq for (tp, _), (tq, _) in zip(probed, plain)]
-    n_meas = sum(SharpnessProbe(every=args.every).schedule(t) for t in range(1, args.steps + 1))
-    t_plain, t_probed = statistics.median(t for t, _ in plain), statistics.median(t for t, _ in probed)
-    per_measurement = (t_probed - t_plain) / n_meas  # seconds
-    result = {"ratio": statistics.median(ratios), "ratios": ratios, "same_trajectory": same,
-              "measurement_s": per_measurement, "step_s": t_plain / args.steps,
-              "every_for_ratio_1.3": per_measurement / (0.3 * t_plain / args.steps),
-              "plain_s": statistics.median(t for t, _ in plain),
-              "probed_s": statistics.median(t for t, _ in probed), "accuracy": accuracy(s, args.every)}
+        for at in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # the order rotates
+            t, model, _ = train(s, make(at))
+            times[at].append((t, model))
+        same &= all(same_state(times[None][-1][1], times[at][-1][1]) for at in ats)
+    n_meas = sum(make("step_end").schedule(t) for t in range(1, args.steps + 1))
+    t_plain = statistics.median(t for t, _ in times[None])
+    per = {}
+    for at in ats:
+        ratios = [tp / tq for (tp, _), (tq, _) in zip(times[at], times[None])]
+        t_probed = statistics.median(t for t, _ in times[at])
+        per_measurement = (t_probed - t_plain) / n_meas  # seconds
+        per[at] = {"ratio": statistics.median(ratios), "ratios": ratios,
+                   "measurement_s": per_measurement,
+                   "every_for_ratio_1.3": per_measurement / (0.3 * t_plain / args.steps),
+                   "probed_s": t_probed, "accuracy": accuracy(s, args.every, at)}
+    result = {**per[ats[0]], "at": ats[0], "same_trajectory": same, "step_s": t_plain / args.steps,
+              "plain_s": t_plain}
+    if len(ats) > 1:
+        result[ats[1]] = per[ats[1]]
     try:
         import backpack  # noqa: F401
         import cockpit  # noqa: F401
@@ -169,6 +189,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workloads", nargs="+", default=["mnist1d-cnn", "mnist1d-mlp"])
+    ap.add_argument("--at", choices=("step_end", "after_backward", "both"), default="both",
+                    help="the probe's event; both: 'ratio' is step_end's, the other under 'after_backward'")
     ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu",
                     help="process CPU time (default; not inflated by other processes on a shared machine) or wall")
     args = ap.parse_args()

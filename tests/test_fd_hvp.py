@@ -144,3 +144,71 @@ def test_freeze_replays_pieces_in_call_order():
         b = F.relu(torch.tensor([3.0, -4.0, 1.0]))  # the pieces of z0: off, on, on
     assert torch.equal(b, torch.tensor([0.0, -4.0, 1.0]))
     assert default_step("forward", torch.float32) == pytest.approx(torch.finfo(torch.float32).eps ** 0.5 / 32)
+
+
+def _operator_products(model, x, y, vs, **kw):
+    with measurement_state(model, True):
+        op = CurvatureOperator(model, F.cross_entropy, (x, y), method="finite-difference", **kw)
+        return [op(v) for v in vs], op._difference()
+
+
+@pytest.mark.parametrize("kind", ["kinks", "sequential"])
+def test_replay_inside_the_activation_modules_equals_the_whole_pass_replay(kind):
+    """The mode runs only inside the modules that made the piecewise calls; same products, bit for bit."""
+    if kind == "kinks":  # torch.relu in the root's forward: the whole forward is the scope
+        model, x, y = _kinks()
+    else:
+        torch.manual_seed(0)
+        act = nn.ReLU()  # one module called twice
+        model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), act, nn.Linear(8, 8), act,
+                              nn.MaxPool1d(2), nn.Linear(4, 3))
+        x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    P = sum(p.numel() for p in model.parameters())
+    vs = [torch.randn(P, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    scoped, fd = _operator_products(model, x, y, vs)
+    assert fd._scope == ([model] if kind == "kinks" else [act, model[5]])
+    whole = []
+    with measurement_state(model, True):
+        fd._scope = None  # the same operator, the mode around the whole pass
+        whole = [fd(v) for v in vs]
+    assert all(torch.equal(a, b) for a, b in zip(scoped, whole))
+    assert not [m for m in model.modules() if "forward" in m.__dict__]  # their own forward is back
+
+
+def test_inplace_products_restore_parameters_exactly_even_on_error():
+    model, x, y = make("cnn")
+    before = copy.deepcopy(model.state_dict())
+    P = sum(p.numel() for p in model.parameters())
+    calls = []
+
+    def loss_fn(out, y_):
+        calls.append(1)
+        if len(calls) == 2:  # the first perturbed pass
+            raise RuntimeError("boom")
+        return F.cross_entropy(out, y_)
+    with pytest.raises(RuntimeError, match="boom"):
+        hessian_vector_product(model, loss_fn, (x, y), torch.randn(P), method="finite-difference")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_given_base_gradient_saves_the_backward_pass_and_a_wrong_one_is_not_used(monkeypatch):
+    model, x, y = _kinks()
+    P = sum(p.numel() for p in model.parameters())
+    vs = [torch.randn(P, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ref, _ = _operator_products(model, x, y, vs)
+    loss = F.cross_entropy(model(x), y)  # train mode: the step's loss and gradient
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+    loss = float(loss.detach())
+    n = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: n.append(1) or grad(*a, **k))
+    reused, _ = _operator_products(model, x, y, vs, base=(loss, g))
+    assert len(n) == len(vs)  # no backward pass for the base
+    for a, b in zip(reused, ref):
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+    n.clear()  # a gradient of another loss value: computed again, the same products as without it
+    wrong, _ = _operator_products(model, x, y, vs, base=(loss * 1.01, torch.zeros(P)))
+    assert len(n) == len(vs) + 1
+    for a, b in zip(wrong, ref):
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())

@@ -56,3 +56,49 @@ def test_every_probe_writes_exactly_on_its_schedule(tmp_path, optimizer, extra):
         assert quantities.setdefault(default, names) == names  # same quantities under both names
     # every probe was given a name: nothing may appear under a default name
     assert not [n for n in scalars["name"].unique() if n.split("/", 1)[0] in probes.all_probes()]
+
+
+def test_sharpness_after_backward_reuses_the_step_gradient_and_changes_nothing(tmp_path):
+    """``at="after_backward"``: in a real Trainer it writes on its steps; in a plain loop it measures
+    theta_{step-1} on the step's batch (against double backward there) and leaves parameters,
+    buffers and gradients bit for bit as it found them."""
+    import copy
+
+    import torch
+
+    from trajscope import workloads
+    from trajscope.events import Event, StepContext
+    from trajscope.functional.hessian import top_hessian_eigenvalues
+    from trajscope.probes.sharpness import SharpnessProbe
+
+    cfg = RunConfig.for_workload("mnist1d-cnn", workload_options={"width": 8}, optimizer="sgd", lr=0.01,
+                                 momentum=0.9, steps=STEPS, batch_size=64, eval_every=STEPS,
+                                 record=RecordConfig.preset("none"))
+    probe = SharpnessProbe(schedule=S.at([2, 5]), name="early", at="after_backward")
+    assert probe.event is Event.AFTER_BACKWARD
+    result = Trainer(cfg, root=tmp_path, callbacks=[probe], progress=False).fit()
+    scalars = Run.open(result["path"]).scalars()
+    assert sorted(scalars[scalars["name"] == "early/lambda_max"]["step"]) == [2, 5]
+
+    wl = workloads.get("mnist1d-cnn")
+    data = wl.make_data(0, {})
+    torch.manual_seed(0)
+    model = wl.make_model({"width": 8})
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    probe = SharpnessProbe(every=3, at="after_backward", tol=1e-3, value_tol=0)
+    ctx = StepContext(config=None, run=None, model=model, optimizer=opt, workload=wl, data=data)
+    for step in range(1, 7):
+        x, y = data.x_train[64 * step:64 * (step + 1)], data.y_train[64 * step:64 * (step + 1)]
+        opt.zero_grad()
+        ctx.loss = wl.loss_fn(model(x), y)
+        ctx.loss.backward()
+        if probe.schedule(step):
+            ctx.step, ctx.batch = step, (x, y)
+            state = copy.deepcopy(model.state_dict())
+            grads = [p.grad.clone() for p in model.parameters()]
+            out = probe(ctx)
+            assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+            assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+            ref = top_hessian_eigenvalues(model, wl.loss_fn, (x, y), tol=1e-7, max_iter=200).values[0]
+            assert out["lambda_max"] == pytest.approx(float(ref), rel=3e-3)  # the difference's own error
+        opt.step()

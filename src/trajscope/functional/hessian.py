@@ -38,10 +38,10 @@ from trajscope.functional.lanczos import (Eigen, SpectralDensity, TraceEstimate,
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _measure(model, loss_fn, data, method, curvature, train, precondition, fn):
+def _measure(model, loss_fn, data, method, curvature, train, precondition, fn, base=None):
     """Build the operator (optionally d^{-1/2} C d^{-1/2}) in the measurement state and apply fn."""
     with measurement_state(model, train):
-        op = CurvatureOperator(model, loss_fn, data, method=method, curvature=curvature)
+        op = CurvatureOperator(model, loss_fn, data, method=method, curvature=curvature, base=base)
         matvec = op
         if precondition is not None:
             s = precondition.to(op.dtype).rsqrt()
@@ -67,7 +67,8 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data, k: int = 1,
                             generator: torch.Generator | None = None, method: str = "double-backward",
                             curvature: str = "hessian", train: bool | None = True,
                             precondition: Tensor | None = None,
-                            subset_start: int | str | None = "auto", value_tol: float | None = None) -> Eigen:
+                            subset_start: int | str | None = "auto", value_tol: float | None = None,
+                            base: tuple[float | None, Tensor] | None = None) -> Eigen:
     """The k largest eigenvalues (float64, largest first) and unit eigenvectors ((k, P) flat; use
     ``unflatten(vec, params)`` for tensors shaped like the parameters) by Lanczos with full
     reorthogonalization; ``tol`` bounds each pair's relative residual (see
@@ -81,6 +82,10 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data, k: int = 1,
     of the full data either way, only the number of full-data products drops (on a 1,000-example
     batch, typically from 7-8 to 5 for tol 1e-2). An int m, None (a random start), or
     ``"auto"``: m = 128 when ``data`` is one batch of at least 512 examples, else a random start.
+
+    ``base=(loss, gradient)``: the loss and flat gradient at the current parameters on the one
+    batch, if the caller has them (:class:`~trajscope.functional.hvp.CurvatureOperator`): the
+    difference methods then save one backward pass.
     """
     def fn(matvec, op):
         start = v0
@@ -89,7 +94,7 @@ def top_hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data, k: int = 1,
             start = subset_start_vector(model, loss_fn, op, m, k, generator, precondition)
         return top_eigenvalues(matvec, op.dim, k=k, tol=tol, max_iter=max_iter, v0=start,
                                generator=generator, dtype=op.dtype, device=op.device, value_tol=value_tol)
-    return _measure(model, loss_fn, data, method, curvature, train, precondition, fn)
+    return _measure(model, loss_fn, data, method, curvature, train, precondition, fn, base)
 
 
 SUBSET_AUTO, SUBSET_AUTO_MIN_BATCH, SUBSET_STEPS, SUBSET_MIX = 128, 512, 4, 0.1

@@ -86,15 +86,34 @@ def measurement_state(model: nn.Module, train: bool | None = True) -> Iterator[N
             m.training = flag
 
 
-def _stat_overrides(model: nn.Module) -> dict[str, None]:
-    """Running-statistics buffers of norm layers in train mode, mapped to None (no update)."""
-    out: dict[str, None] = {}
+def _stat_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, module, buffer name) of the running statistics of norm layers in train mode."""
+    out = []
     for prefix, m in model.named_modules():
         if isinstance(m, _NormBase) and m.training and m.track_running_stats:
             for b in ("running_mean", "running_var", "num_batches_tracked"):
                 if getattr(m, b, None) is not None:
-                    out[f"{prefix}.{b}" if prefix else b] = None
+                    out.append((f"{prefix}.{b}" if prefix else b, m, b))
     return out
+
+
+def _stat_overrides(model: nn.Module) -> dict[str, None]:
+    """Running-statistics buffers of norm layers in train mode, mapped to None (no update)."""
+    return {q: None for q, _, _ in _stat_buffers(model)}
+
+
+@contextlib.contextmanager
+def _without(buffers: list[tuple[nn.Module, str]]) -> Iterator[None]:
+    """The (module, buffer name) pairs set to None inside (BatchNorm then neither reads nor updates
+    its running statistics in train mode), the same tensors put back on exit."""
+    saved = [(m, n, m._buffers[n]) for m, n in buffers]
+    try:
+        for m, n, _ in saved:
+            m._buffers[n] = None
+        yield
+    finally:
+        for m, n, b in saved:
+            m._buffers[n] = b
 
 
 def _batches(data) -> tuple[list[Batch] | Iterable[Batch], bool]:
@@ -112,10 +131,19 @@ class CurvatureOperator:
     ``op(v)`` takes and returns flat (P,) vectors in the parameters' dtype and device. Call it
     inside ``with measurement_state(model, train):`` (the functions of :mod:`.hessian` do) or use
     :meth:`matvec`, which enters that state for one product. ``n_matvec`` counts products.
+
+    ``base=(loss, gradient)``: the mean loss and the flat (P,) gradient at the current parameters on
+    the one batch, if the caller has them (the training step's, before the optimizer step): the
+    difference methods then skip their base backward pass (``loss`` None: taken on trust; else the
+    gradient is used only if the base forward pass gives the same loss). Other methods ignore it.
+    The difference methods write the perturbed points into the parameters themselves and restore
+    them bit for bit after each gradient (:class:`~trajscope.functional.fd_hvp.FiniteDifferenceHVP`
+    with ``inplace=True``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data,
-                 method: str = "double-backward", curvature: str = "hessian"):
+                 method: str = "double-backward", curvature: str = "hessian",
+                 base: tuple[float | None, Tensor] | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if curvature not in CURVATURES:
@@ -137,6 +165,7 @@ class CurvatureOperator:
             method = "finite-difference" if curvature == "hessian" and self.single else "double-backward"
         self.resolved = method  # the method the products use ("auto" resolved, see _difference)
         self._fd: FiniteDifferenceHVP | None = None
+        self.base = base
 
     def __call__(self, v: Tensor) -> Tensor:
         self.n_matvec += 1
@@ -172,12 +201,15 @@ class CurvatureOperator:
         double backward because the forward pass calls a non-smooth function it cannot freeze."""
         if self._fd is None:
             x, y = self.data[0]
-            overrides = _stat_overrides(self.model)
+            stats = [(m, b) for _, m, b in _stat_buffers(self.model)]
 
-            def forward(q: dict, x_: Tensor) -> Tensor:
-                return functional_call(self.model, {**q, **overrides}, (x_,), strict=False)
+            def forward(q: dict, x_: Tensor) -> Tensor:  # q: the model's own parameters (in place)
+                with _without(stats):
+                    return self.model(x_)
             fd = FiniteDifferenceHVP(forward, self.loss_fn, x, y, list(zip(self.names, self.params)),
-                                     DIFFERENCE[self.resolved])
+                                     DIFFERENCE[self.resolved], inplace=True,
+                                     base_loss=None if self.base is None else self.base[0],
+                                     base_gradient=None if self.base is None else self.base[1])
             fd.prepare()
             if fd.unsupported:
                 if self.method != "auto":

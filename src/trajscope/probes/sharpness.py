@@ -1,6 +1,7 @@
 """The sharpness probe: the top Hessian eigenvalue against the optimizer's stability threshold.
 
-Scalars (``<name>/<quantity>``, at STEP_END, when the parameters hold theta_step):
+Scalars (``<name>/<quantity>``, at STEP_END, when the parameters hold theta_step; with
+``at="after_backward"`` at AFTER_BACKWARD, at theta_{step-1}, see :class:`SharpnessProbe`):
 
 - ``lambda_max``: the largest eigenvalue of the Hessian of the mean training loss on the measured
   batch (all parameters with requires_grad; BatchNorm in train mode, no side effect on the model;
@@ -44,14 +45,15 @@ from typing import Any
 
 import torch
 
-from trajscope.events import StepContext
+from trajscope.events import Event, StepContext
 from trajscope.functional.hessian import (adam_preconditioner, is_adam, stability_threshold,
                                           top_hessian_eigenvalues)
-from trajscope.functional.hvp import trainable_parameters
+from trajscope.functional.hvp import flatten, trainable_parameters
 from trajscope.probes.base import BatchProbe, register
 
 
 DIFFERENCE_MIN_TOL = 1e-3  # "auto" below this tol: double backward (differences err by up to ~3e-3)
+AT = {"step_end": Event.STEP_END, "after_backward": Event.AFTER_BACKWARD}
 
 
 @register
@@ -66,6 +68,15 @@ class SharpnessProbe(BatchProbe):
     ``warm_iter``: the most products of a warm-started measurement (module docstring; None: as cold);
     ``method`` (default ``"auto"``: finite differences where they apply and ``tol >= 1e-3``, else double
     backward), ``curvature``, ``train``: see :mod:`trajscope.functional.hessian`.
+
+    ``at="after_backward"`` measures at AFTER_BACKWARD instead of STEP_END: at theta_{step-1}, the
+    point the step's gradient was taken at, on the step's batch, and the finite differences reuse
+    that gradient (``p.grad``) as their base one instead of computing it (one backward pass less per
+    measurement). Only where ``p.grad`` is exactly the gradient of ``ctx.loss`` on ``ctx.batch``:
+    the reference Trainer; not with gradient accumulation over micro-batches or clipping before
+    AFTER_BACKWARD. It is reused only if the base forward pass gives ``ctx.loss`` again (same
+    batch, parameters and loss), all trainable parameters have a gradient and no process group of
+    more than one rank is running (DDP averages gradients over ranks); otherwise it is computed.
     """
 
     default_name = "sharpness"
@@ -74,8 +85,12 @@ class SharpnessProbe(BatchProbe):
     def __init__(self, schedule=None, name: str | None = None, *, every: int | None = None,
                  data: str = "batch", fixed_size: int = 1024, tol: float = 1e-2, max_iter: int = 30,
                  warm_iter: int | None = None, method: str = "auto", curvature: str = "hessian",
-                 train: bool | None = True, seed: int = 0, value_tol: float | None = None):
+                 train: bool | None = True, seed: int = 0, value_tol: float | None = None,
+                 at: str = "step_end"):
         super().__init__(schedule, name, every=every, data=data, fixed_size=fixed_size)
+        if at not in AT:
+            raise ValueError(f"at must be one of {tuple(AT)}, got {at!r}")
+        self.at, self.event = at, AT[at]
         if warm_iter is not None and warm_iter < 2:  # one product cannot move the warm vector
             raise ValueError(f"warm_iter must be >= 2 or None, got {warm_iter}")
         self.tol, self.max_iter, self.warm_iter = tol, max_iter, warm_iter
@@ -86,7 +101,20 @@ class SharpnessProbe(BatchProbe):
         self.generator = torch.Generator().manual_seed(seed)
         self._vectors: dict[str, torch.Tensor] = {}
 
-    def _top(self, key: str, ctx: StepContext, batch, precondition=None):
+    def _step_gradient(self, ctx: StepContext):
+        """(loss, flat gradient) of the training step, where ``at="after_backward"`` may reuse it."""
+        if self.at != "after_backward" or self.data != "batch" or ctx.loss is None \
+                or self.kwargs["train"] is not True:
+            return None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return None
+        grads = [p.grad for _, p in trainable_parameters(ctx.model)]
+        if any(g is None for g in grads):
+            return None
+        return float(ctx.loss.detach()), flatten([g.detach() for g in grads])
+
+    def _top(self, key: str, ctx: StepContext, batch, precondition=None, base=None):
         """Top eigenpair, warm-started from (and updating) the stored vector ``key``."""
         v0 = self._vectors.get(key)
         dim = sum(p.numel() for _, p in trainable_parameters(ctx.model))
@@ -95,13 +123,14 @@ class SharpnessProbe(BatchProbe):
         budget = self.max_iter if v0 is None or self.warm_iter is None else min(self.warm_iter, self.max_iter)
         eig = top_hessian_eigenvalues(ctx.model, ctx.loss_fn, batch, 1, tol=self.tol, max_iter=budget,
                                       v0=v0, generator=self.generator, precondition=precondition,
-                                      value_tol=self.value_tol, **self.kwargs)
+                                      value_tol=self.value_tol, base=base, **self.kwargs)
         self._vectors[key] = eig.vectors[0].detach().clone()
         return float(eig.values[0]), float(eig.residuals[0]), eig.n_iter
 
     def measure(self, ctx: StepContext) -> dict[str, float]:
         batch = self.examples(ctx)
-        lam, res, n_iter = self._top("hessian", ctx, batch)
+        base = self._step_gradient(ctx)
+        lam, res, n_iter = self._top("hessian", ctx, batch, base=base)
         out = {"lambda_max": lam, "residual": res, "iterations": n_iter}
         try:
             threshold = stability_threshold(ctx.optimizer)
@@ -114,7 +143,7 @@ class SharpnessProbe(BatchProbe):
                 pre = adam_preconditioner(ctx.optimizer, [p for _, p in trainable_parameters(ctx.model)])
             except ValueError:  # no second moments yet (before the first step)
                 return out
-            compared, _, _ = self._top("preconditioned", ctx, batch, precondition=pre)
+            compared, _, _ = self._top("preconditioned", ctx, batch, precondition=pre, base=base)
             out["preconditioned_lambda_max"] = compared
         out["stability_ratio"] = compared / threshold
         return out
