@@ -209,3 +209,17 @@ def test_loop_drops_a_replay_that_does_not_match():
     assert looped.replays == []
     torch.testing.assert_close(got[0] / 10, want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1] / 10, want[1])
+
+
+@pytest.mark.parametrize("fn", [evaluate_points, evaluate_points_reference])
+def test_no_direction_or_mismatched_coefficients_is_a_clear_error(fn):
+    from trajscope.errors import UsageError
+
+    model = _cnn()
+    x, y = torch.randn(5, 1, 6), torch.randint(0, 4, (5,))
+    origin = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match="at least one direction"):
+        fn(model, F.cross_entropy, (x, y), origin, [], torch.zeros(3, 0))
+    d = random_direction(origin, torch.Generator().manual_seed(0))
+    with pytest.raises(UsageError, match=r"shape \(points, 1\)"):
+        fn(model, F.cross_entropy, (x, y), origin, [d], torch.zeros(3, 2))

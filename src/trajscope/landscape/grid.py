@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trajscope.errors import UsageError
 from trajscope.functional.noise import mode, stat_free_buffers
 from trajscope.landscape.loop import Looped
 
@@ -47,8 +48,17 @@ def _batches(data) -> list[tuple[Tensor, Tensor]]:
     return list(data)
 
 
-def _stack(origin: dict[str, Tensor], directions: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Directions stacked per name: {name: (k, *shape)} (zeros where a direction lacks the name)."""
+def _stack(origin: dict[str, Tensor], directions: Sequence[dict[str, Tensor]],
+           coeffs: Tensor | None = None) -> dict[str, Tensor]:
+    """Directions stacked per name: {name: (k, *shape)} (zeros where a direction lacks the name);
+    ``coeffs``, if given, must be (G, k) with k = len(directions) >= 1."""
+    directions = list(directions)
+    if not directions:
+        raise UsageError("evaluate_points needs at least one direction (got none); the origin alone is "
+                         "the point with every coefficient 0 of any direction")
+    if coeffs is not None and (coeffs.dim() != 2 or coeffs.shape[1] != len(directions)):
+        raise UsageError(f"coeffs must have shape (points, {len(directions)}) for {len(directions)} "
+                         f"direction(s), got {tuple(coeffs.shape)}")
     return {n: torch.stack([d[n].to(o.dtype) if n in d else torch.zeros_like(o) for d in directions])
             for n, o in origin.items()}
 
@@ -109,7 +119,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, origin: dict[str, T
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     batches = _batches(data)
     n_total = sum(len(x) for x, _ in batches)
-    stacked = _stack(origin, directions)
+    stacked = _stack(origin, directions, coeffs)
     ways = {s: cls(model, loss_fn, origin, stacked, train, batches)
             for s, cls in (("vmap", _Vmapped), ("loop", Looped)) if strategy in (s, "auto")}
     losses = torch.zeros(len(coeffs), dtype=torch.float64)
@@ -156,7 +166,7 @@ def evaluate_points_reference(model: nn.Module, loss_fn: LossFn, data, origin: d
     n_total = sum(len(x) for x, _ in batches)
     ref = copy.deepcopy(model).train(train)
     state = ref.state_dict()
-    stacked = _stack(origin, directions)
+    stacked = _stack(origin, directions, coeffs)
     losses, accs = [], []
     for c in coeffs:
         params = {n: p[0] for n, p in point_params(origin, stacked, c[None]).items()}
