@@ -1,7 +1,7 @@
 """Redundancy freeze: wall time of the frozen phase against full training, and the final metric gap.
 
 Usage: python benchmarks/redundancy_freeze.py [--workloads mnist1d-cnn cifar10-resnet20] [--seeds 0 1 2]
-           [--threshold 0.05] [--window 50] [--patience 3] [--last-layer] [--threads 1] [--json] [--out PATH]
+           [--threshold 0.005] [--window 50] [--patience 3] [--last-layer] [--threads 1] [--json] [--out PATH]
 
 Per workload and seed, in one process: a model trains with the workload's config (SGD + momentum,
 warmup-cosine, the Trainer's batches: ``BatchSampler`` and ``schedule_factor``) in a plain loop
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--threshold", type=float, default=0.05)
+    ap.add_argument("--threshold", type=float, default=0.005)
     ap.add_argument("--window", type=int, default=50)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--last-layer", action="store_true", help="keep the last layer trainable too")
