@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/probe_overhead.py [--json] [--steps 160] [--repeats 5] [--threads 1]
        [--workloads mnist1d-cnn mnist1d-mlp] [--every 16] [--clock cpu|wall]
+       [--at step_end|after_backward|both]
 Clock: process CPU time by default (with one thread, the work done, not inflated by other processes
 on a shared machine; as in ``hessian.py``), ``--clock wall`` for wall time.
 Run it with a venv that has cockpit-for-pytorch for the peer (``.venv-bench``); without it the
@@ -15,6 +16,12 @@ vector, finite-difference products with the ReLU kinks frozen (``method="auto"``
 step's batch) at the end of the steps its schedule fires; the two alternate within each repeat (order alternating
 too) in one process; ratio = median over repeats of probed time / plain time. The probed run must
 end with bit-identical parameters and buffers (the probe has no side effect), which is checked.
+
+``--at``: the probe at STEP_END (its default, ``ratio``) and/or ``SharpnessProbe(at="after_backward")``,
+called between backward and the optimizer step with the step's loss in ``ctx.loss``, reusing the
+step's gradient as the base of its differences (measured at theta_{step-1}); with ``both`` (the
+default) the three runs (plain and the two probed) rotate their order within each repeat and the
+second one's figures are under ``after_backward``.
 
 ``every_for_ratio_1.3``: the probe interval at which the measured cost per measurement would make the
 ratio 1.3 (cost per measurement / (0.3 * plain time per step)).

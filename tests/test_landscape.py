@@ -223,3 +223,26 @@ def test_no_direction_or_mismatched_coefficients_is_a_clear_error(fn):
     d = random_direction(origin, torch.Generator().manual_seed(0))
     with pytest.raises(UsageError, match=r"shape \(points, 1\)"):
         fn(model, F.cross_entropy, (x, y), origin, [d], torch.zeros(3, 2))
+
+
+def test_loop_runs_only_safe_relus_in_place_and_leaves_data_and_model_alone():
+    from trajscope.landscape.loop import Looped, _inplace_relus
+
+    torch.manual_seed(0)
+    shared = nn.ReLU()
+    model = nn.Sequential(nn.Identity(), nn.ReLU(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), shared,
+                          nn.Linear(8, 8), shared, nn.Linear(8, 3))
+    assert _inplace_relus(model) == [model[3]]  # not after Identity (a view of the data), not shared
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    x0 = x.clone()
+    origin = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    dirs = [random_direction(origin, g), random_direction(origin, g)]
+    coeffs = grid_coefficients(torch.linspace(-1, 1, 4), torch.linspace(-1, 1, 3))
+    got = evaluate_points(model, F.cross_entropy, (x, y), origin, dirs, coeffs, strategy="loop")
+    want = evaluate_points_reference(model, F.cross_entropy, (x, y), origin, dirs, coeffs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, x0) and not any(m.inplace for m in model if isinstance(m, nn.ReLU))
+    loop = Looped(model, F.cross_entropy, origin, {n: torch.stack([d[n] for d in dirs]) for n in origin}, True,
+                  [(x, y)])
+    assert [m.inplace for m in loop.relus] == [True]
