@@ -8,7 +8,8 @@ What a frozen step still computes: the whole forward pass, and in the backward t
 of every layer between the loss and the earliest kept parameter; a frozen prefix that only the
 input feeds builds no autograd graph at all (so running it under ``no_grad`` would save nothing).
 On a small model the saving is therefore the frozen weight gradients plus their optimizer updates,
-about 23 % of a step for ``mnist1d-cnn`` on one CPU thread (``benchmarks/redundancy_freeze.py``).
+about 22 % of a step for ``mnist1d-cnn`` on one CPU thread with the convolution kernels, 24-26 %
+with the dense operators below (``benchmarks/redundancy_freeze.py``).
 A frozen convolution is moreover a constant linear map: with ``frozen_ops="dense"`` (default) each
 frozen convolution on a small feature map (dense matrix of at most 64 Ki entries) runs as one
 product with that matrix, built once, forward and input gradient
