@@ -259,6 +259,23 @@ def test_successive_halving_race_resumes_through_rungs_bit_identically(tmp_path)
     assert again.train_wall_s == pytest.approx(sel.train_wall_s) and sel.train_wall_s > w_at_15 > 0
 
 
+def test_race_rule_default_tie_tolerance_is_two_percent():
+    """The default tie (2%, race.py's docstring) on measured rung losses: the benchmark's
+    mnist1d-cnn AdamW last rung (3.4% apart) goes to the lower loss, the grid's mnist1d-mlp SGD
+    last rung (1.5% apart) to the larger rate; the tolerance's edge on both sides."""
+    base = {"first_loss": 2.34, "val_loss": 1.0}
+    cnn = [{**base, "lr": 0.0622, "loss": 1.3275}, {**base, "lr": 0.0311, "loss": 1.1603},
+           {**base, "lr": 0.0155, "loss": 1.1223}]
+    assert race_decision(cnn)["lr"] == 0.0155
+    assert race_decision(cnn, tol=0.05)["lr"] == 0.0311  # the rule up to 0b6a864
+    mlp = [{**base, "lr": 0.125, "loss": 1.365}, {**base, "lr": 0.25, "loss": 1.385}]
+    assert race_decision(mlp)["lr"] == 0.25
+    assert race_decision(mlp, tol=0.01)["lr"] == 0.125
+    edge = [{**base, "lr": 0.1, "loss": 1.0}, {**base, "lr": 0.2, "loss": 1.0199}, {**base, "lr": 0.4, "loss": 1.0201}]
+    d = race_decision(edge, keep=3)
+    assert d["keep"] == [1, 0, 2] and "2 within 2%" in d["reason"]
+
+
 def test_race_rule_keeps_the_tied_largest_rates_first():
     base = {"first_loss": 2.3, "val_loss": 1.0}
     cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.04},

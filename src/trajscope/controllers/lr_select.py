@@ -4,7 +4,7 @@ Methods (``METHODS``): ``range-test`` (:mod:`~trajscope.controllers.range_test`,
 ``curvature`` (:mod:`~trajscope.controllers.curvature_lr`: eta = c T / lambda after a warm-up) and
 ``early-race`` (:mod:`~trajscope.controllers.race`, :mod:`~trajscope.controllers.race_run`: 6 rates
 a factor 2 apart around the curvature estimate share the budget by successive halving: all run to
-2.5% of the budget, the better half by recent training loss (ties within 5% to the larger rate) to
+2.5% of the budget, the better half by recent training loss (ties within 2% to the larger rate) to
 10%, the best of those continues to the end without a restart; choosing costs 0.275 budgets plus
 the curvature estimate).
 

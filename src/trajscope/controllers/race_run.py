@@ -5,7 +5,8 @@
 3. rungs at the fractions ``rungs`` of the budget (default 2.5% and 10%, each at least 5 steps);
    every candidate is the final config at its rate plus a ``race`` controller that stops it at each
    rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
-   keeps ``ceil(n * keep)`` of them (default half), which are resumed to the next rung, and so on;
+   keeps ``ceil(n * keep)`` of them (default half; ties within ``tol``, default 2%, to the larger
+   rate), which are resumed to the next rung, and so on;
    the last rung keeps one. Runs go through :func:`trajscope.sweep.run_configs`
    (``executor``/``jobs``/``address``); a candidate already in the store at or past the rung is
    read, not trained again;
@@ -138,7 +139,7 @@ def _rung_evidence(lr: float, r: dict[str, Any], rung: int) -> dict[str, Any]:
 def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None, executor: str = "local",
                jobs: int = 1, address: str | None = None, train: bool = True, progress: bool = True,
                warmup: int | None = None, examples: int | None = None, c: float | None = None, candidates: int = 6,
-               factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5, tol: float = 0.05,
+               factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5, tol: float = 0.02,
                sharpness: bool = False, race_fraction: float | None = None):
     """The race (see the module docstring); returns an :class:`~trajscope.controllers.lr_select.LRSelection`.
     ``race_fraction``: a one-rung race at that fraction (instead of ``rungs``)."""
