@@ -1,14 +1,16 @@
 """Redundancy freeze: wall time of the frozen phase against full training, and the final metric gap.
 
 Usage: python benchmarks/redundancy_freeze.py [--workloads mnist1d-cnn cifar10-resnet20] [--seeds 0 1 2]
-           [--threshold 0.005] [--window 50] [--patience 3] [--last-layer] [--threads 1] [--json] [--out PATH]
+           [--threshold 0.005] [--window 50] [--patience 3] [--last-layer] [--frozen-ops dense|native]
+           [--threads 1] [--json] [--out PATH]
 
 Per workload and seed, in one process: a model trains with the workload's config (SGD + momentum,
 warmup-cosine, the Trainer's batches: ``BatchSampler`` and ``schedule_factor``) in a plain loop
 with a ``FreezeController`` (``trajscope.controllers.freeze``, default criterion: displacement-MDS
 ratio to the random-walk baseline <= ``--threshold`` on ``--patience`` consecutive decisions every
 10 steps, window ``--window``; kept set: the normalization scales and shifts, plus the last layer
-with ``--last-layer``). At the switch step K the run forks: a copy of the model and optimizer state,
+with ``--last-layer``; frozen convolutions on small feature maps as dense operators unless
+``--frozen-ops native``, :mod:`trajscope.controllers.frozen_ops`). At the switch step K the run forks: a copy of the model and optimizer state,
 unfrozen, continues *full* training, while the original continues *frozen*; the two train steps
 K+1..T in lockstep on the same batches and rates, alternating which goes first at every step so
 that load from other processes hits both alike. Timed per step: forward, loss, backward,
