@@ -1,4 +1,4 @@
-"""Recording under torch.distributed: 2 processes (gloo, CPU, torch.multiprocessing.spawn) record
+"""Recording under torch.distributed: 2 processes (gloo, CPU, torch.multiprocessing, forked) record
 the same trajectory as one process with the same global batch, under DDP and under FSDP2."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,16 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    # fork: the workers start from this interpreter (no re-import of torch: 38 s -> a few s); a
+    # deadline turns a stuck worker into a failure instead of a hung suite.
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise AssertionError("the 2 forked workers did not finish within 300 s")
     return root
 
 
