@@ -184,3 +184,46 @@ def test_flat_and_per_tensor_state_record_the_same_run(root):
         assert list(sa) == list(sb) == names
         assert all(torch.equal(sa[n], sb[n]) for n in names)
         assert torch.equal(torch.cat([sa[n].flatten() for n in names]), thetas[0][t])
+
+
+def test_non_finite_parameters_with_a_finite_loss_are_found_at_their_step(root):
+    """A parameter that the loss does not use turns NaN at step 5: the loss stays finite, the
+    batched state notices it at most 16 steps later, and the run ends diverged at step 5 with the
+    later steps it had already taken dropped."""
+    model = _model()
+    model.unused = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = Run.create(root, {"x": "nan-param"})
+    rec = trajscope.Recorder(model, run, commit_every_s=10.0)
+    g = torch.Generator().manual_seed(0)
+    raised_at = None
+    with pytest.raises(DivergedError, match="diverged at step 5: parameters are not finite"):
+        for t in range(1, 40):
+            x = torch.randn(16, 5, generator=g)
+            opt.zero_grad()
+            loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+            loss.backward()
+            opt.step()
+            if t == 5:
+                with torch.no_grad():
+                    model.unused[1] = float("nan")
+            raised_at = t
+            rec.step(loss=loss, optimizer=opt)
+    assert 5 <= raised_at <= 5 + 16
+    r = Run.open(run.path)
+    assert r.status == "diverged" and r.meta["status_step"] == 5
+    assert sorted(set(r.scalars()["step"])) == [0, 1, 2, 3, 4, 5]
+    assert max(r.snapshot_steps("params")) <= 5
+
+
+def test_plan_gives_what_the_schedules_give_at_every_step():
+    from trajscope.record.plan import Plan, is_pure
+
+    pure = (S.every(1), S.until(100) | S.logspace(20), S.every(3, start=7), S.at([3, 700, 1500]) & ~S.every(2), S.never())
+    plan = Plan(pure, window=64)
+    assert plan.pure and all(is_pure(s) for s in pure)
+    steps = list(range(0, 300)) + list(range(690, 710)) + [1499, 1500, 1501, 5]  # jumps back and forth
+    for t in steps:
+        assert plan(t) == tuple(bool(s(t)) for s in pure), t
+    impure = Plan((S.every(2), lambda t: t % 3 == 0))
+    assert not impure.pure and [impure(t) for t in range(6)] == [(t % 2 == 0, t % 3 == 0) for t in range(6)]
