@@ -68,6 +68,8 @@ def test_bad_specs_fail_in_one_line_before_a_run_exists(root):
         Trainer(_cfg(probes=(CallbackSpec(kind="bogus"),)), root=root, progress=False).fit()
     with pytest.raises(UsageError, match="probe 'sharpness'.*unexpected keyword argument 'nope'"):
         Trainer(_cfg(probes=(CallbackSpec(kind="sharpness", options={"nope": 1}),)), root=root, progress=False).fit()
+    with pytest.raises(UsageError, match="probe 'sharpness'.*at must be one of .*got 'foo'"):
+        Trainer(_cfg(probes=(CallbackSpec(kind="sharpness", options={"at": "foo"}),)), root=root, progress=False).fit()
     twice = (CallbackSpec(kind="sharpness", every=3), CallbackSpec(kind="sharpness", every=4))
     with pytest.raises(UsageError, match="named 'sharpness'"):
         build_callbacks(_cfg(probes=twice))

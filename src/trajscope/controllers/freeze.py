@@ -35,7 +35,8 @@ When to switch:
   it switches. Default ``threshold=0.005``: the direction from the start turns by at most 0.5 % of
   what a random walk of that age would (it was 0.05; on ``mnist1d-cnn``, 3 seeds, that switched at
   steps 430-580 of 2,000 and lost 0.5 point of validation accuracy, while switches at 700-1,000
-  lost 0.1-0.3 point, within seed noise; ``benchmarks/README.md``, redundancy_freeze). It writes ``<name>/mds``, ``<name>/ratio``, ``<name>/update_cosine`` and
+  lost 0.1-0.3 point, within seed noise; ``benchmarks/README.md``, redundancy_freeze).
+  It writes ``<name>/mds``, ``<name>/ratio``, ``<name>/update_cosine`` and
   ``<name>/baseline`` at each such decision step. ``regime="<probe>"``: no switch while the
   activation regime is chaotic (:mod:`trajscope.controllers.regime`).
 

@@ -80,7 +80,7 @@ def build_callbacks(config: RunConfig) -> list[Callback]:
                 kwargs["every"] = spec.every
             try:
                 out.append(registry[spec.kind](name=spec.name, **kwargs))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:  # an unknown option, or a bad value of one
                 raise UsageError(f"{what} {spec.kind!r}: {e}") from None
     names = [getattr(cb, "name", None) for cb in out]
     dupes = sorted({n for n in names if n is not None and names.count(n) > 1})
