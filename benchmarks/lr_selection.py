@@ -198,6 +198,70 @@ def _oracle_beats(rows: list[dict], budgets: dict[str, int]) -> int:
     return n
 
 
+def _final_or_zero(summary: dict) -> float:
+    """A confirming run's final metric; a run that did not finish (diverged, failed) counts as 0."""
+    final = (summary.get("final") or {}).get("val_metric")
+    return float(final) if summary.get("status") == "finished" and final is not None else 0.0
+
+
+def confirm_seeds(rows: list[dict], budgets: dict[str, int], root: str, n: int, say=print) -> list[dict]:
+    """Rerun, per (workload, optimizer), the grid's best rate and each trajscope method's chosen rate
+    (a plain run at that fixed rate, nothing chosen again) on ``n`` fresh seeds (the config's seed + 1
+    .. + n, never the benchmark's own), and compare their mean finals: the grid's single-seed maximum
+    carries the winner's bias of a maximum over 5 noisy finals, its rate's mean on fresh seeds does
+    not. A method is ``within`` when its mean is at least the grid rate's mean minus 0.5 points."""
+    from trajscope.sweep import run_configs
+
+    out = []
+    for wl, budget in budgets.items():
+        for opt in ("sgd", "adamw"):
+            picks = [r for r in rows if r["workload"] == wl and r["optimizer"] == opt
+                     and r["method"] in ("grid",) + TRAJSCOPE]
+            cfg = base(wl, opt, budget)
+            entry = {"workload": wl, "optimizer": opt, "seeds": [cfg.seed + k for k in range(1, n + 1)]}
+            for r in picks:
+                if not math.isfinite(r["lr"]):  # the method failed to choose: nothing to confirm
+                    entry[r["method"]] = {"lr": r["lr"], "finals": [], "mean": float("nan"), "not_finished": 0}
+                    continue
+                runs = run_configs([cfg.model_copy(update={"lr": r["lr"], "seed": s}) for s in entry["seeds"]],
+                                   root=root, progress=False)
+                finals = [_final_or_zero(s) for s in runs]
+                entry[r["method"]] = {"lr": r["lr"], "bench_final": r["final_metric"], "finals": finals,
+                                      "mean": sum(finals) / len(finals),
+                                      "not_finished": sum(s.get("status") != "finished" for s in runs),
+                                      "wall_s": sum(float(s.get("wall_s") or 0.0) for s in runs)}
+            g = entry["grid"]["mean"]
+            entry["within"] = {m: bool(m in entry and entry[m]["mean"] >= g - 0.005) for m in TRAJSCOPE}
+            out.append(entry)
+            say(entry)
+    return out
+
+
+def summarize_confirm(confirm: list[dict], budgets: dict[str, int], n: int) -> dict:
+    """``within_pairs`` and ``workloads_within_target`` of each trajscope method on the seed means."""
+    methods = {}
+    for m in TRAJSCOPE:
+        pairs = sum(e["within"][m] for e in confirm)
+        wls = sum(all(e["within"][m] for e in confirm if e["workload"] == wl) for wl in budgets)
+        methods[m] = {"within_pairs": pairs, "workloads_within_target": wls, "pairs": len(confirm)}
+    best = max(TRAJSCOPE, key=lambda m: (methods[m]["workloads_within_target"], methods[m]["within_pairs"]))
+    return {"n": n, "best_method": best, "workloads_within_target": methods[best]["workloads_within_target"],
+            "within_pairs": methods[best]["within_pairs"], "methods": methods}
+
+
+def confirm_table(confirm: list[dict]) -> str:
+    head = f"{'workload':<12} {'opt':<6} " + " ".join(f"{m + ' lr / mean':>22}" for m in ("grid",) + TRAJSCOPE)
+    lines = [head, "-" * len(head)]
+    for e in confirm:
+        cells = []
+        for m in ("grid",) + TRAJSCOPE:
+            c = e.get(m, {"lr": float("nan"), "mean": float("nan")})
+            mark = "" if m == "grid" else (" *" if e["within"][m] else "  ")
+            cells.append(f"{c['lr']:>9.3g} / {100 * c['mean']:>6.2f}{mark:>2}")
+        lines.append(f"{e['workload']:<12} {e['optimizer']:<6} " + " ".join(f"{x:>22}" for x in cells))
+    return "\n".join(lines + ["(* within 0.5 points of the grid rate's mean)"])
+
+
 def table(rows: list[dict]) -> str:
     head = f"{'workload':<12} {'method':<12} {'opt':<12} {'lr':>9} {'final':>7} {'choose':>8} {'total':>7} {'to target':>9} {'wall s':>7}"
     lines = [head, "-" * len(head)]
@@ -216,7 +280,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--root", help="runs root (default: a temporary directory, so nothing is cached)")
     ap.add_argument("--out", default=str(RESULTS / "lr_selection.json"))
+    ap.add_argument("--confirm-seeds", type=int, default=0, metavar="N",
+                    help="also rerun the grid's best rate and each trajscope method's rate on N fresh seeds "
+                         "and compare their means (JSON: confirm, summary.confirm_seeds)")
     a = ap.parse_args(argv)
+    if a.confirm_seeds < 0:
+        ap.error(f"--confirm-seeds must be 0 or more, got {a.confirm_seeds}")
     torch.set_num_threads(a.threads)
     budgets = dict(QUICK if a.quick else BUDGETS)
     if a.workloads:
@@ -233,10 +302,22 @@ def main(argv=None) -> int:
                       f"total {r['total_steps']:.0f} to-target {r['steps_to_target']} ({r['wall_s']:.1f} s)",
                       file=sys.stderr, flush=True)
             rows += bench_workload(wl, budget, root, say)
-    summary = summarize(rows, budgets)
+        summary = summarize(rows, budgets)
+        confirm = []
+        if a.confirm_seeds:
+            def say_confirm(e):
+                print(f"  confirm {e['workload']} {e['optimizer']}: " + ", ".join(
+                    f"{m} {e[m]['lr']:.3g} mean {e[m]['mean']:.4f}" for m in ("grid",) + TRAJSCOPE if m in e),
+                    file=sys.stderr, flush=True)
+            confirm = confirm_seeds(rows, budgets, root, a.confirm_seeds, say_confirm)
+            summary["confirm_seeds"] = summarize_confirm(confirm, budgets, a.confirm_seeds)
     summary["wall_s"] = time.perf_counter() - t0
     result = {"budgets": budgets, "rows": rows, "summary": summary}
+    if confirm:
+        result["confirm"] = confirm
     print(table(rows), file=log)
+    if confirm:
+        print(confirm_table(confirm), file=log)
     print(json.dumps(summary, indent=1, default=str), file=log)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, default=str))
