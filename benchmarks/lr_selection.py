@@ -198,6 +198,11 @@ def _oracle_beats(rows: list[dict], budgets: dict[str, int]) -> int:
     return n
 
 
+def within(mean: float, grid_mean: float) -> bool:
+    """Within 0.5 points of the grid rate's mean (metrics are fractions); NaN (nothing chosen) never is."""
+    return bool(mean >= grid_mean - 0.005)
+
+
 def _final_or_zero(summary: dict) -> float:
     """A confirming run's final metric; a run that did not finish (diverged, failed) counts as 0."""
     final = (summary.get("final") or {}).get("val_metric")
@@ -230,8 +235,7 @@ def confirm_seeds(rows: list[dict], budgets: dict[str, int], root: str, n: int, 
                                       "mean": sum(finals) / len(finals),
                                       "not_finished": sum(s.get("status") != "finished" for s in runs),
                                       "wall_s": sum(float(s.get("wall_s") or 0.0) for s in runs)}
-            g = entry["grid"]["mean"]
-            entry["within"] = {m: bool(m in entry and entry[m]["mean"] >= g - 0.005) for m in TRAJSCOPE}
+            entry["within"] = {m: m in entry and within(entry[m]["mean"], entry["grid"]["mean"]) for m in TRAJSCOPE}
             out.append(entry)
             say(entry)
     return out

@@ -387,3 +387,58 @@ def test_a_diverging_warmup_is_a_one_line_error():
     with pytest.raises(TrajscopeError, match="warm-up diverged") as e:
         CL.curvature_select(loop, warmup=60, examples=32, c_warmup=1e3)
     assert "\n" not in str(e.value)
+
+
+# ---- the benchmark's seed-robust view ------------------------------------------------------------
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lr_selection.py"
+    spec = importlib.util.spec_from_file_location("lr_selection_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_confirm_seeds_reruns_the_chosen_rates_on_fresh_seeds(tmp_path):
+    from trajscope.train import Trainer
+
+    B = _bench()
+    budgets = {"digits-mlp": 20}
+    rows = [{"workload": "digits-mlp", "optimizer": opt, "method": m, "lr": lr, "final_metric": 0.5}
+            for opt, rates in (("sgd", (0.1, 0.3, 0.1)), ("adamw", (0.01, 0.003, float("nan"))))
+            for m, lr in zip(("grid",) + B.TRAJSCOPE, rates)]
+    confirm = B.confirm_seeds(rows, budgets, str(tmp_path / "runs"), 2, say=lambda e: None)
+    assert [(e["optimizer"], e["seeds"]) for e in confirm] == [("sgd", [1, 2]), ("adamw", [1, 2])]
+    # the slow reference: a plain run of the same config and fresh seed, in another root
+    for e in confirm:
+        for m in ("grid", "curvature"):
+            cfg = B.base("digits-mlp", e["optimizer"], 20).model_copy(update={"lr": e[m]["lr"], "seed": 2})
+            ref = Trainer(cfg, root=tmp_path / "ref", progress=False).fit()
+            assert e[m]["finals"][1] == ref["final"]["val_metric"]
+            assert e[m]["mean"] == pytest.approx(sum(e[m]["finals"]) / 2)
+    sgd, adamw = confirm
+    assert sgd["early-race"]["finals"] == sgd["grid"]["finals"]  # the same rate: the same runs
+    assert sgd["within"]["early-race"] and math.isnan(adamw["early-race"]["mean"])
+    assert not adamw["within"]["early-race"]  # a method that chose nothing is never within
+    assert B._final_or_zero({"status": "diverged", "final": {"val_metric": 0.9}}) == 0.0
+
+
+def test_confirm_summary_counts_pairs_and_workloads_on_the_means():
+    B = _bench()
+
+    def entry(wl, opt, grid, curv, race):
+        e = {"workload": wl, "optimizer": opt, "grid": {"mean": grid}}
+        e.update({m: {"mean": v} for m, v in zip(B.TRAJSCOPE, (curv, race))})
+        e["within"] = {m: B.within(e[m]["mean"], grid) for m in B.TRAJSCOPE}
+        return e
+
+    # 0.5 points below the grid rate's mean is within (as in the single-seed summary); 0.6 is not
+    confirm = [entry("a", "sgd", 0.90, 0.895, 0.894), entry("a", "adamw", 0.80, 0.81, 0.80),
+               entry("b", "sgd", 0.70, 0.60, 0.70), entry("b", "adamw", 0.70, 0.70, 0.70)]
+    assert B.within(0.895, 0.90) and not B.within(0.894, 0.90) and not B.within(float("nan"), 0.9)
+    s = B.summarize_confirm(confirm, {"a": 10, "b": 10}, 3)
+    assert s["methods"]["curvature"] == {"within_pairs": 3, "workloads_within_target": 1, "pairs": 4}
+    assert s["methods"]["early-race"] == {"within_pairs": 3, "workloads_within_target": 1, "pairs": 4}
+    assert s["n"] == 3 and s["best_method"] in B.TRAJSCOPE and s["workloads_within_target"] == 1
