@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/probe_overhead.py [--json] [--steps 160] [--repeats 5] [--threads 1]
        [--workloads mnist1d-cnn mnist1d-mlp] [--every 16] [--clock cpu|wall]
-       [--at step_end|after_backward|both]
+       [--at step_end|after_backward|both] [--interleave step|run]
 Clock: process CPU time by default (with one thread, the work done, not inflated by other processes
 on a shared machine; as in ``hessian.py``), ``--clock wall`` for wall time.
 Run it with a venv that has cockpit-for-pytorch for the peer (``.venv-bench``); without it the
@@ -13,15 +13,20 @@ Per workload: the model from ``make_model`` (seed 0), SGD with the workload's lr
 forward, backward, step). "plain" is that loop, "probed" the same loop that calls
 ``SharpnessProbe(every=16)`` at its defaults (tol = value_tol = 1e-2, warm start from the previous
 vector, finite-difference products with the ReLU kinks frozen (``method="auto"``), train mode, the
-step's batch) at the end of the steps its schedule fires; the two alternate within each repeat (order alternating
-too) in one process; ratio = median over repeats of probed time / plain time. The probed run must
-end with bit-identical parameters and buffers (the probe has no side effect), which is checked.
+step's batch) through its event handler at the end of the steps its schedule fires, writing its
+scalars into a real run (a temporary store; the final commit of the buffered rows is timed too).
+Interleaving is step by step: within a repeat, the plain and the probed runs advance in lockstep,
+each step of every run timed on its own and the order of the runs rotating from step to step, so
+that the load of other processes on a shared machine falls on both alike (running whole runs one
+after the other let the per-repeat ratio swing by +-20%); ratio = median over repeats of probed
+time / plain time. The probed run must end with bit-identical parameters and buffers (the probe has
+no side effect), which is checked.
 
 ``--at``: the probe at STEP_END (its default, ``ratio``) and/or ``SharpnessProbe(at="after_backward")``,
 called between backward and the optimizer step with the step's loss in ``ctx.loss``, reusing the
 step's gradient as the base of its differences (measured at theta_{step-1}); with ``both`` (the
-default) the three runs (plain and the two probed) rotate their order within each repeat and the
-second one's figures are under ``after_backward``.
+default) the three runs (plain and the two probed) advance in lockstep together and the second
+one's figures are under ``after_backward``.
 
 ``every_for_ratio_1.3``: the probe interval at which the measured cost per measurement would make the
 ratio 1.3 (cost per measurement / (0.3 * plain time per step)).
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,9 +52,10 @@ from pathlib import Path
 import torch
 
 from trajscope import workloads
-from trajscope.events import StepContext
+from trajscope.events import Event, StepContext
 from trajscope.functional.hessian import top_hessian_eigenvalues
 from trajscope.probes.sharpness import SharpnessProbe
+from trajscope.store import Run
 
 RESULTS = Path(__file__).parent / "results"
 CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -96,6 +103,52 @@ def train(s: Setup, probe: SharpnessProbe | None = None, on_probe=None):
         if not early:
             measure(step, x, y, None)
     return clock() - t0, model, outputs
+
+
+class Runner:
+    """One run of the lockstep: a fresh model and optimizer, and (probed) a probe writing to a run."""
+
+    def __init__(self, s: Setup, probe: SharpnessProbe | None, root: Path | None):
+        self.s, self.probe, self.seconds = s, probe, 0.0
+        self.model, self.opt = s.model()
+        self.run = None if probe is None else Run.create(root, config={"probe": probe.at}, seed=0)
+        self.ctx = StepContext(config=None, run=self.run, model=self.model, optimizer=self.opt,
+                               workload=s.wl, data=s.data)
+
+    def step(self, step: int, x, y) -> None:
+        t0 = clock()
+        ctx, probe = self.ctx, self.probe
+        ctx.step, ctx.values = step, {}
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.s.wl.loss_fn(self.model(x), y)
+        loss.backward()
+        if probe is not None:
+            ctx.batch, ctx.loss = (x, y), loss
+            probe.on_event(Event.AFTER_BACKWARD, ctx)  # a no-op unless the probe runs there
+        self.opt.step()
+        if probe is not None:
+            ctx.loss = None
+            probe.on_event(Event.STEP_END, ctx)
+        self.seconds += clock() - t0
+
+    def finish(self) -> None:
+        if self.run is not None:
+            t0 = clock()
+            self.run.commit()  # the buffered scalar rows
+            self.seconds += clock() - t0
+            self.run.close()
+
+
+def lockstep(s: Setup, probes: list[SharpnessProbe | None], root: Path) -> list[Runner]:
+    """The runs of ``probes`` (None: plain) advanced together step by step, the order rotating."""
+    runners = [Runner(s, p, root / str(i)) for i, p in enumerate(probes)]
+    n = len(runners)
+    for step, (x, y) in enumerate(s.batches, start=1):
+        for i in range(n):
+            runners[(step + i) % n].step(step, x, y)
+    for r in runners:
+        r.finish()
+    return runners
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -150,15 +203,20 @@ def bench(name: str, args) -> tuple[dict, dict]:
     ats = ("step_end", "after_backward") if args.at == "both" else (args.at,)
     kinds = (None, *ats)
     make = lambda at: None if at is None else SharpnessProbe(every=args.every, at=at)  # noqa: E731
-    for at in kinds:  # warm-up (allocator, imports)
-        train(s, make(at))
-    times: dict = {k: [] for k in kinds}
-    same = True
-    for r in range(args.repeats):
-        for at in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:  # the order rotates
-            t, model, _ = train(s, make(at))
-            times[at].append((t, model))
-        same &= all(same_state(times[None][-1][1], times[at][-1][1]) for at in ats)
+    with tempfile.TemporaryDirectory() as tmp:
+        lockstep(s, [make(at) for at in kinds], Path(tmp) / "warmup")  # allocator, imports
+        times: dict = {k: [] for k in kinds}
+        same = True
+        for r in range(args.repeats):
+            if args.interleave == "step":
+                runners = lockstep(s, [make(at) for at in kinds], Path(tmp) / str(r))
+                for at, runner in zip(kinds, runners):
+                    times[at].append((runner.seconds, runner.model))
+            else:  # whole runs one after the other, the order rotating (no scalar writes)
+                for at in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                    t, model, _ = train(s, make(at))
+                    times[at].append((t, model))
+            same &= all(same_state(times[None][-1][1], times[at][-1][1]) for at in ats)
     n_meas = sum(make("step_end").schedule(t) for t in range(1, args.steps + 1))
     t_plain = statistics.median(t for t, _ in times[None])
     per = {}
@@ -198,6 +256,9 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", default=["mnist1d-cnn", "mnist1d-mlp"])
     ap.add_argument("--at", choices=("step_end", "after_backward", "both"), default="both",
                     help="the probe's event; both: 'ratio' is step_end's, the other under 'after_backward'")
+    ap.add_argument("--interleave", choices=("step", "run"), default="step",
+                    help="step: the runs advance in lockstep (default); run: whole runs in turn (the "
+                         "protocol before 2026-12-02, probe called directly, no scalar writes)")
     ap.add_argument("--clock", choices=tuple(CLOCK), default="cpu",
                     help="process CPU time (default; not inflated by other processes on a shared machine) or wall")
     args = ap.parse_args()
@@ -211,7 +272,7 @@ def main() -> None:
     out = {"ratio": per[first]["ratio"], "accuracy": per[first]["accuracy"], "workload": first, "per_workload": per,
            "peers": {"cockpit-full": peers[first], "cockpit-full-per_workload": peers},
            "steps": args.steps, "every": args.every, "repeats": args.repeats, "threads": args.threads,
-           "clock": args.clock,
+           "clock": args.clock, "interleave": args.interleave,
            "torch": torch.__version__, "probe": "SharpnessProbe(every=16) defaults: tol=value_tol=1e-2, method=auto (finite differences)"}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "probe_overhead.json").write_text(json.dumps(out, indent=2))
