@@ -132,6 +132,21 @@ def test_fallbacks_to_the_modules_own_forward():
         install_frozen_ops(conv2, "fast")
 
 
+def test_a_parameter_added_or_replaced_after_the_install_is_used():
+    torch.manual_seed(3)
+    x = torch.randn(4, 2, 6)
+    conv = nn.Conv1d(2, 3, 3, padding=1, bias=False).requires_grad_(False)
+    install_frozen_ops(conv)
+    conv(x)
+    # a bias where there was none: the plain convolution, bias included
+    conv.bias = nn.Parameter(torch.randn(3), requires_grad=False)
+    want = torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=1)
+    assert torch.equal(conv(x), want)
+    # the weight replaced by another Parameter object: its values, not the stored operator's
+    conv.weight = nn.Parameter(torch.randn(3, 2, 3), requires_grad=False)
+    assert torch.equal(conv(x), torch.nn.functional.conv1d(x, conv.weight, conv.bias, padding=1))
+
+
 def test_cap_keeps_large_operators_native_and_native_mode_installs_nothing():
     conv = nn.Conv1d(32, 32, 5, stride=2, padding=2, bias=False).requires_grad_(False)
     install_frozen_ops(conv)

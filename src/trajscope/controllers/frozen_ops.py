@@ -45,6 +45,7 @@ MODES = ("dense", "native")
 DEFAULT_MAX_ENTRIES = 1 << 16
 _ATTR = "_trajscope_frozen_op"
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MISSING = object()
 
 
 @dataclass
@@ -52,8 +53,12 @@ class _Plan:
     """Per-sample input shape -> dense operator (or None: native), for one module."""
 
     max_entries: int
-    params: tuple[torch.Tensor, ...]  # the tensors at the install (functional_call swaps them)
-    versions: tuple = ()  # (dtype, device, _version) of each when the operators were built
+    slots: dict  # the module's ``_parameters`` at the install, None entries included (a copy)
+    versions: list = field(default_factory=list)  # [dtype, device, _version...] when the operators were built
+    params: tuple[torch.Tensor, ...] = ()  # the non-None slots (functional_call swaps them)
+
+    def __post_init__(self) -> None:
+        self.params = tuple(p for p in self.slots.values() if p is not None)
     dense: dict[tuple[int, ...], "_Dense | None"] = field(default_factory=dict)
 
 
@@ -101,26 +106,39 @@ def _own_params(module: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(p for p in module._parameters.values() if p is not None)
 
 
-def _plan_for(module: nn.Module, plan: _Plan, params: tuple[torch.Tensor, ...], x: torch.Tensor) -> _Dense | None:
-    """The dense operator for ``x``'s per-sample shape, or None: the module's own forward."""
-    if (len(params) != len(plan.params) or any(p is not q or p.requires_grad for p, q in zip(params, plan.params))
-            or x.dim() != params[0].dim() or x.dtype != params[0].dtype or x.device != params[0].device
-            or torch.is_autocast_enabled()):
+def _plan_for(module: nn.Module, plan: _Plan, x: torch.Tensor) -> _Dense | None:
+    """The dense operator for ``x``'s per-sample shape, or None: the module's own forward.
+
+    Called at every forward of a frozen convolution, so every check is a cheap attribute test:
+    the same parameter objects as at the install (``functional_call`` swaps them), none
+    trainable, no autocast, ``x`` batched with the weight's dtype and device."""
+    slots = module._parameters
+    if len(slots) != len(plan.slots):
         return None
-    versions = tuple((p.dtype, p.device, p._version) for p in params)
+    for name, q in plan.slots.items():
+        if slots.get(name) is not q:
+            return None
+    for p in plan.params:
+        if p.requires_grad:
+            return None
+    w = plan.params[0]
+    if torch.is_autocast_enabled() or x.dim() != w.dim() or x.dtype != w.dtype or x.device != w.device:
+        return None
+    versions = [w.dtype, w.device] + [p._version for p in plan.params]
     if versions != plan.versions:  # written in place or converted: every operator is stale
         plan.dense.clear()
         plan.versions = versions
     key = tuple(x.shape[1:])
-    if key not in plan.dense:
+    d = plan.dense.get(key, _MISSING)
+    if d is _MISSING:
         built = dense_operator(module, key, plan.max_entries)
-        plan.dense[key] = None if built is None else _Dense(*built)
-    return plan.dense[key]
+        d = plan.dense[key] = None if built is None else _Dense(*built)
+    return d
 
 
 def _frozen_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     plan: _Plan | None = self.__dict__.get(_ATTR)
-    d = None if plan is None else _plan_for(self, plan, _own_params(self), x)
+    d = None if plan is None else _plan_for(self, plan, x)
     return type(self).forward(self, x) if d is None else _dense_apply(d, x)
 
 
@@ -138,7 +156,7 @@ def install_frozen_ops(model: nn.Module, mode: str = "dense", max_entries: int =
     names = []
     for name, m in model.named_modules():
         if isinstance(m, _CONV_TYPES) and _frozen(m):
-            m.__dict__[_ATTR] = _Plan(int(max_entries), _own_params(m))
+            m.__dict__[_ATTR] = _Plan(int(max_entries), dict(m._parameters))
             m.forward = types.MethodType(_frozen_forward, m)
             names.append(name)
     return names
