@@ -227,3 +227,18 @@ def test_plan_gives_what_the_schedules_give_at_every_step():
         assert plan(t) == tuple(bool(s(t)) for s in pure), t
     impure = Plan((S.every(2), lambda t: t % 3 == 0))
     assert not impure.pure and [impure(t) for t in range(6)] == [(t % 2 == 0, t % 3 == 0) for t in range(6)]
+
+
+def test_plan_windows_in_closed_form_equal_the_schedules():
+    """Plan decides each pure schedule class by its rule over a window (no call per step): equal to
+    calling the schedule at every step, for every class, combinator and window position."""
+    from trajscope.record.plan import _window
+
+    cases = [S.never(), S.every(1), S.every(3), S.every(7, start=5), S.until(13), S.at([0, 2, 99, 1000, 4000]),
+             S.logspace(1), S.logspace(3), S.logspace(20), S.logspace(100), S.dense_early(),
+             S.every(4) | S.until(10), S.every(2) & S.logspace(10), ~S.every(3), ~(S.until(50) | S.logspace(7)),
+             S.AllOf(()), S.AnyOf(())]
+    for s in cases:
+        for start in (0, 1, 5, 97, 100, 511, 999, 5000, 100_000):
+            for n in (1, 7, 512):
+                assert _window(s, start, n) == [bool(s(t)) for t in range(start, start + n)], (s, start, n)

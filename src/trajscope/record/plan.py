@@ -25,13 +25,41 @@ def is_pure(s: S.Schedule) -> bool:
     return type(s) is S.Not and is_pure(s.part)
 
 
+def _fires(s: S.Schedule, start: int, end: int) -> set[int]:
+    """The steps in ``start .. end - 1`` at which the pure schedule ``s`` fires (each class's
+    rule in closed form: no call per step)."""
+    kind = type(s)
+    if kind is S.Never:
+        return set()
+    if kind is S.Every:
+        first = max(start, s.start)
+        first += (s.start - first) % s.n  # the next step on the grid start + i * n
+        return set(range(first, end, s.n))
+    if kind is S.Until:
+        return set(range(start, min(end, s.last + 1)))
+    if kind is S.At:
+        return {t for t in s.at if start <= t < end}
+    if kind is S.LogSpaced:  # step 0 and round(10 ** (j / per_decade)), j = 0, 1, ... (increasing)
+        out = {0} if start <= 0 < end else set()
+        j, t = 0, 1
+        while t < end:
+            if t >= start:
+                out.add(t)
+            j += 1
+            t = round(10 ** (j / s.per_decade))
+        return out
+    parts = [_fires(p, start, end) for p in (s.parts if kind in (S.AnyOf, S.AllOf) else (s.part,))]
+    if kind is S.AnyOf:
+        return set().union(*parts)
+    if kind is S.AllOf:
+        return set.intersection(*parts) if parts else set(range(start, end))
+    return set(range(start, end)) - parts[0]  # Not
+
+
 def _window(s: S.Schedule, start: int, n: int) -> list[bool]:
     """[s(start), ..., s(start + n - 1)]."""
-    if type(s) is S.Never:
-        return [False] * n
-    if type(s) is S.Every and s.n == 1 and s.start <= start:
-        return [True] * n
-    return [bool(s(t)) for t in range(start, start + n)]
+    fired = _fires(s, start, start + n)
+    return [t in fired for t in range(start, start + n)]
 
 
 class Plan:

@@ -54,6 +54,7 @@ class _Pending(NamedTuple):
     has_grad: bool
     first: bool
     sketch: bool
+    snapshot: bool  # a whole-model float32 snapshot, written from the state's row at processing
 
 
 def name_filter(params: str | Iterable[str] | ParamFilter | None) -> ParamFilter:
@@ -282,24 +283,35 @@ class Recorder:
         run, state = self.run, self._state
         if self._reduction is not None:
             self._settle()  # the reduction started at the step before: log its losses or stop
-        want_scalars, want_sketch, *plan = self._plan(step)
+        plan = self._plan(step)  # (scalars, sketch, snapshots, grads, buffers, optimizer state, checkpoints)
         lrs = None
-        if want_scalars and run is not None:
+        if plan[0] and run is not None:
             lrs = {}
             if optimizer is not None:
                 for i, group in enumerate(optimizer.param_groups):
                     lrs["lr" if i == 0 else f"lr/{i}"] = float(group["lr"])
             extra = {k: float(v) for k, v in extra.items()} if extra else extra
-        with torch.no_grad():
-            row = None
+        # torch.no_grad() as a context manager cost ~10 us per step right after a training step;
+        # these two calls are what it does.
+        grad_was = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
             if state is not None:
                 if state.full:
                     self._process()
-                ts, gs = self._local()
-                row = state.push(ts, gs, first)
-                self._pending.append(_Pending(step, loss, lrs, extra, any(g is not None for g in gs), first,
-                                              want_sketch and self._sketcher is not None))
-            self._snapshots(step, optimizer, first, checkpoint_extra, row, plan)
+                if self.layout.mode == "sharded":
+                    ts, gs = self._local()
+                else:
+                    ts = self._params
+                    gs = [p.grad for p in ts]
+                row, has_grad = state.push(ts, gs, first)
+                snapshot = plan[2] and self._snap_head is not None and run is not None
+                self._pending.append(_Pending(step, loss, lrs, extra, has_grad, first,
+                                              plan[1] and self._sketcher is not None, snapshot))
+                if snapshot:
+                    plan = plan[:2] + (False,) + plan[3:]
+            if True in plan[2:]:
+                self._snapshots(step, optimizer, first, checkpoint_extra, plan[2:])
             if state is not None and state.batch == 1:  # TensorState sketches the live tensors
                 self._process()
             if self._reduction is not None:
@@ -307,6 +319,8 @@ class Recorder:
                 if self._reduction.due:
                     self._process()  # rank 0: the verdicts on the parameters of the queued steps
                     self._reduction.start(self._flags)
+        finally:
+            torch._C._set_grad_enabled(grad_was)
 
     def _unhook(self) -> None:
         if self._hand_over in self.run.flush_hooks:
@@ -345,45 +359,55 @@ class Recorder:
         mode, run = self.layout.mode, self.run
         want_sketch = any(r.sketch for r in rows)
         sq, sk = self._state.process(want_sketch)
+        snaps = [i for i, r in enumerate(rows) if r.snapshot]
+        if snaps:  # the rows' bytes are the files' data: one copy of them all, no copy per file
+            for i, theta in zip(snaps, self._state.thetas(snaps).numpy()):
+                run.write_snapshot(rows[i].step, [self._snap_head, theta], "params", copy=False)
         losses = [r.loss for r in rows]
         if mode == "sharded":  # [loss, squared norms, sketch] of the local shards, summed over ranks
             head = torch.tensor([[0.0 if x is None else x] for x in losses], device=sq.device)
             vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else []), dim=1))
             host = vec[:, :4].tolist()
             losses = [None if x is None else h[0] / self.layout.world for x, h in zip(losses, host)]
-            sq_host = [h[1:] for h in host]
+            sq = vec[:, 1:4]
             sk = vec[:, 4:] if sk is not None else None
-        else:
-            sq_host = sq.tolist()
-        sketch_steps, sketch_rows = [], []
-        for i, (r, loss, sqs) in enumerate(zip(rows, losses, sq_host)):
-            norms = [math.sqrt(v) if v >= 0 else math.nan for v in sqs]
+        # float64 square roots of the float32 squares (as math.sqrt of each; NaN stays NaN)
+        norms_host = sq.double().sqrt_().tolist()
+        sketch_steps, sketch_rows, scalar_rows = [], [], []
+
+        def flush() -> None:  # what the rows before a divergence recorded
+            self._log_sketches(sketch_steps, sk, sketch_rows)
+            if scalar_rows:
+                run.log_scalar_rows(scalar_rows)
+                scalar_rows.clear()
+
+        for i, (r, loss, (param_norm, grad_norm, update_norm)) in enumerate(zip(rows, losses, norms_host)):
             if mode == "replicated":
-                self._flags[r.step] = not math.isfinite(norms[0])
+                self._flags[r.step] = not math.isfinite(param_norm)
             else:
                 if loss is not None and not math.isfinite(loss):
-                    self._log_sketches(sketch_steps, sk, sketch_rows)
+                    flush()
                     self._stop_at(r.step, f"loss is {loss}", {"loss": loss})
-                if not math.isfinite(norms[0]):
-                    self._log_sketches(sketch_steps, sk, sketch_rows)
-                    self._stop_at(r.step, "parameters are not finite", {"param_norm": norms[0]})
+                if not math.isfinite(param_norm):
+                    flush()
+                    self._stop_at(r.step, "parameters are not finite", {"param_norm": param_norm})
             if r.lrs is not None and run is not None:
-                values: dict[str, float] = {}
+                # in the order of one dict of the step's values: a later row of a name replaces it
+                step = r.step
                 if loss is not None and mode != "replicated":  # DDP: the loss comes from _settle
-                    values["loss"] = loss
-                values.update(r.lrs)
-                values["param_norm"] = norms[0]
+                    scalar_rows.append((step, "loss", loss))
+                scalar_rows.extend([(step, name, v) for name, v in r.lrs.items()])
+                scalar_rows.append((step, "param_norm", param_norm))
                 if r.has_grad:
-                    values["grad_norm"] = norms[1]
+                    scalar_rows.append((step, "grad_norm", grad_norm))
                 if not r.first:
-                    values["update_norm"] = norms[2]
+                    scalar_rows.append((step, "update_norm", update_norm))
                 if r.extra:
-                    values.update(r.extra)
-                run.log_scalars(r.step, values)
+                    scalar_rows.extend([(step, name, v) for name, v in r.extra.items()])
             if r.sketch and sk is not None:
                 sketch_steps.append(r.step)
                 sketch_rows.append(i)
-        self._log_sketches(sketch_steps, sk, sketch_rows)
+        flush()
 
     def _log_sketches(self, steps: list[int], sk, rows: list[int]) -> None:
         if steps and self.run is not None:
@@ -392,18 +416,15 @@ class Recorder:
         steps.clear()
         rows.clear()
 
-    def _snapshots(self, step: int, optimizer, first: bool, checkpoint_extra: dict | None, row, plan) -> None:
+    def _snapshots(self, step: int, optimizer, first: bool, checkpoint_extra: dict | None, plan) -> None:
         """Snapshots, optimizer state and checkpoints due at ``step`` (``plan``: whether the
         snapshot, gradient, buffer, optimizer-state and checkpoint schedules fire)."""
         run, sharded = self.run, self.layout.mode == "sharded"
         if run is None and not sharded:
             return
         snapshots, grads, buffers, optimizer_state, checkpoints = plan
-        if snapshots:
-            if self._snap_head is not None:  # the flat buffer's bytes are the file's data
-                run.write_snapshot(step, [self._snap_head, self._state.theta(row).cpu().numpy()], "params")
-            else:
-                self._save(step, "params", {n: p for n, p in self._named if self._keep(n)})
+        if snapshots:  # (whole-model float32 snapshots of the flat state: at _process_rows)
+            self._save(step, "params", {n: p for n, p in self._named if self._keep(n)})
         if grads and any(p.grad is not None for p in self._params):
             self._save(step, "grads", {n: p.grad for n, p in self._named if self._keep(n) and p.grad is not None})
         if buffers and run is not None:

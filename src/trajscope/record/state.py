@@ -108,30 +108,35 @@ class FlatState:
         """True when :meth:`process` must run before the next :meth:`push`."""
         return self._n == self.batch
 
-    def theta(self, row: int) -> Tensor:
-        """(N,) float32: the tensors of the pushed step ``row`` (from :meth:`push`), concatenated
-        (row-major each); valid until the next :meth:`process`."""
-        return self._w[row, 0]
+    def thetas(self, index: list[int]) -> Tensor:
+        """(m, N) float32 on the CPU, a copy: theta (the tensors concatenated, row-major each) of
+        the steps pushed ``index[j]``-th (0-based) before the last :meth:`process`; call it before
+        the next :meth:`push`."""
+        rows = torch.tensor(index, device=self._w.device) + 1
+        return self._w[:, 0].index_select(0, rows).cpu()
 
-    def push(self, tensors: list[Tensor], grads: list[Tensor | None], first: bool) -> int:
-        """Copy one step's tensors and gradients in; return its row. Call under ``torch.no_grad()``."""
+    def push(self, tensors: list[Tensor], grads: list[Tensor | None], first: bool) -> tuple[int, bool]:
+        """Copy one step's tensors and gradients in; return (its row, whether any tensor had a
+        gradient). Call under ``torch.no_grad()``."""
         self._n += 1
         row = self._n
+        self._first.append(first)
         tv, gv = self._views[row]
-        if tv:
-            torch._foreach_copy_(tv, tensors)
+        if not tv:
+            return row, False
+        torch._foreach_copy_(tv, tensors)
+        try:  # the usual case: every tensor has a dense gradient
+            torch._foreach_copy_(gv, grads)
+            return row, True
+        except (TypeError, RuntimeError):  # a None (TypeError), a sparse gradient: copy them one way or another
+            pass
         present = [i for i, g in enumerate(grads) if g is not None]
         if len(present) < len(grads):
             self._w[row, 1].zero_()
         if present:
-            src = grads if len(present) == len(grads) else [grads[i] for i in present]
-            dst = gv if len(present) == len(grads) else [gv[i] for i in present]
-            try:
-                torch._foreach_copy_(dst, src)
-            except RuntimeError:  # e.g. a sparse gradient (an Embedding with sparse=True)
-                torch._foreach_copy_(dst, [_dense(g) for g in src])
-        self._first.append(first)
-        return row
+            src = [_dense(grads[i]) for i in present]
+            torch._foreach_copy_([gv[i] for i in present], src)
+        return row, bool(present)
 
     def process(self, want_sketch: bool) -> tuple[Tensor, Tensor | None]:
         """((n, 3) squared norms, (n, k) sketches or None) of the n steps pushed since the last
@@ -187,7 +192,7 @@ class TensorState:
         return norms.square().sum()
 
     @torch.no_grad()
-    def push(self, tensors: list[Tensor], grads: list[Tensor | None], first: bool) -> None:
+    def push(self, tensors: list[Tensor], grads: list[Tensor | None], first: bool) -> tuple[None, bool]:
         cur = [t.detach() for t in tensors]
         if not first and cur:  # theta_{t-1} - theta_t, in place (refilled below)
             torch._foreach_sub_(self._prev, cur)
@@ -196,6 +201,7 @@ class TensorState:
         if cur:
             torch._foreach_copy_(self._prev, cur)
         self._done.append((out, cur))
+        return None, any(g is not None for g in grads)
 
     @torch.no_grad()
     def process(self, want_sketch: bool) -> tuple[Tensor, Tensor | None]:

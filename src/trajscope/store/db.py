@@ -12,7 +12,7 @@ from pathlib import Path
 
 from trajscope.errors import CorruptRunError
 
-SCHEMA_VERSION = 2  # 2: snapshots.byte_offset (snapshots packed into one file)
+SCHEMA_VERSION = 3  # 2: snapshots.byte_offset (snapshots packed into one file); 3: sketches.f32 + sketch_index
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -20,6 +20,7 @@ CREATE TABLE IF NOT EXISTS scalars (
     step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
     PRIMARY KEY (step, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sketches (step INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sketch_index (step INTEGER PRIMARY KEY, byte_offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     step INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, nbytes INTEGER NOT NULL,
     byte_offset INTEGER NOT NULL DEFAULT 0,

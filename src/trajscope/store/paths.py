@@ -3,7 +3,9 @@
 ::
 
     <root>/<run-id>/
-        run.db                      SQLite (WAL): meta, scalars, sketches, snapshot index, events
+        run.db                      SQLite (WAL): meta, scalars, sketch and snapshot indexes, events
+        sketches.f32                the sketches: float32 rows of k values, appended at each
+                                    commit (the index gives each step's byte offset)
         run.lock                    held (flock) by the one process that writes the run
         snapshots/<kind>-<step>.safetensors   a snapshot in a file of its own; kind: params,
                                     grads, optim, buffers, checkpoint
@@ -21,6 +23,7 @@ from pathlib import Path
 DEFAULT_ROOT = "runs"
 DB_NAME = "run.db"
 LOCK_NAME = "run.lock"
+SKETCH_NAME = "sketches.f32"
 SNAPSHOT_DIR = "snapshots"
 RESULT_DIR = "results"
 TMP_MARK = ".tmp-"
@@ -41,6 +44,10 @@ def db_path(run_dir: Path) -> Path:
 
 def lock_path(run_dir: Path) -> Path:
     return Path(run_dir) / LOCK_NAME
+
+
+def sketch_path(run_dir: Path) -> Path:
+    return Path(run_dir) / SKETCH_NAME
 
 
 def snapshot_dir(run_dir: Path) -> Path:

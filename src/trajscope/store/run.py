@@ -28,7 +28,7 @@ from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
 from trajscope.store import paths
 from trajscope.store.db import SCHEMA_VERSION, connect, durable, has_byte_offsets
 from trajscope.store.tensors import (encode_tensors, load_tensors, load_tensors_range, save_state, save_tensors,
-                                     state_from, write_atomic)
+                                     state_from, write_all, write_atomic)
 
 STATUSES = ("running", "finished", "crashed", "diverged", "stopped")  # stopped: a callback asked, resumable
 
@@ -120,11 +120,12 @@ class Run:
         # Rows queued for the next commit (one executemany each), since per-step inserts dominate
         # the recorder's cost on small models; readers of this object flush them first.
         self._scalar_rows: list[tuple[int, str, float]] = []
-        self._sketch_rows: list[tuple[int, bytes]] = []
+        self._sketch_rows: list[tuple[list[int], np.ndarray]] = []  # (steps, their (n, k) float32 rows)
+        self._sketch_fd: int | None = None  # sketches.f32, opened for appending at the first write
         self._snapshot_rows: list[tuple[int, str, str, int, int]] = []  # in files already whole on disk
         # Small snapshots wait here (step, kind, bytes of the file) and are written together, one
         # pack file per commit: creating a file costs more than writing 50 kB (see write_snapshot).
-        self._pack: list[tuple[int, str, bytes]] = []
+        self._pack: list[tuple[int, str, list, int]] = []  # (step, kind, parts of the file, its size)
         self._pack_bytes = 0
         self._offsets = has_byte_offsets(con)  # False: a run from before packs (read-only)
         # Called first at every flush (commit, close, reads): a writer that keeps rows of its own
@@ -225,6 +226,9 @@ class Run:
             self.commit()
             # Fold the WAL into the database so the directory is one file again.
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._sketch_fd is not None:
+            os.close(self._sketch_fd)
+            self._sketch_fd = None
         self._con.close()
         self._con = None
         if self._lock is not None:
@@ -305,22 +309,29 @@ class Run:
         step = int(step)
         self._scalar_rows.extend((step, k, float(v)) for k, v in values.items())
 
+    def log_scalar_rows(self, rows: list[tuple[int, str, float]]) -> None:
+        """Record ``(step, name, value)`` rows (int, str, float: not converted), as
+        :meth:`log_scalars` would; a later row of the same (step, name) replaces an earlier one."""
+        self._require_writable()
+        self._scalar_rows.extend(rows)
+
     def log_sketch(self, step: int, sketch: torch.Tensor, k: int | None = None, seed: int | None = None) -> None:
         """Record the (k,) float32 sketch of the parameter vector at ``step``."""
-        self._require_writable()
-        data = sketch.detach().to("cpu", torch.float32).numpy().tobytes()
-        if "sketch" not in self._meta:
-            self._set_meta(sketch={"k": int(sketch.numel()) if k is None else k, "seed": seed})
-        self._sketch_rows.append((int(step), data))
+        self.log_sketches([step], sketch.reshape(1, -1), k=k, seed=seed)
 
     def log_sketches(self, steps: list[int], sketches: torch.Tensor, k: int | None = None,
                      seed: int | None = None) -> None:
-        """Record the (n, k) float32 sketches of ``steps`` (n of them), as :meth:`log_sketch` each."""
+        """Record the (n, k) float32 sketches of ``steps`` (n of them), one row each; every sketch
+        of a run has the same k. A sketch for a step that has one replaces it."""
         self._require_writable()
-        data = sketches.detach().to("cpu", torch.float32).numpy()
+        data = sketches.detach().to("cpu", torch.float32).numpy().copy()  # a copy the caller cannot change
         if "sketch" not in self._meta:
             self._set_meta(sketch={"k": int(data.shape[1]) if k is None else k, "seed": seed})
-        self._sketch_rows.extend((int(step), row.tobytes()) for step, row in zip(steps, data))
+        width = self._meta["sketch"]["k"]
+        if data.ndim != 2 or data.shape[1] != width or data.shape[0] != len(steps):
+            raise ValueError(f"run {self.id} keeps sketches of k={width} values, one per step; got shape "
+                             f"{tuple(data.shape)} for {len(steps)} steps")
+        self._sketch_rows.append(([int(t) for t in steps], data))
 
     def save_snapshot(self, step: int, tensors: Mapping[str, torch.Tensor], kind: str = "params",
                       background: bool = False) -> Path | None:
@@ -341,7 +352,7 @@ class Run:
             return self.path / rel
         return self.write_snapshot(step, data, kind)
 
-    def write_snapshot(self, step: int, data, kind: str = "params") -> Path | None:
+    def write_snapshot(self, step: int, data, kind: str = "params", copy: bool = True) -> Path | None:
         """Write the bytes of a whole safetensors file (e.g. from ``store.tensors.encode_tensors``;
         or a list of bytes-like parts, e.g. a header and a tensor's buffer, which are read before
         this returns) as the ``kind`` snapshot of ``step``, on the background thread, indexed as
@@ -353,13 +364,18 @@ class Run:
         returned. Creating a file (~0.1-1 ms on a shared disk) costs more than writing a small
         model's snapshot, and a commit at most once a second packs the dense early snapshots
         into a few files. A process killed before the commit loses them, as it loses the scalars
-        of those steps."""
+        of those steps.
+
+        ``copy=False``: the parts are kept as they are, not copied (the caller hands them over and
+        never changes them)."""
         self._require_writable()
-        parts = data if isinstance(data, (list, tuple)) else [data]
-        if sum(memoryview(p).nbytes for p in parts) < self.background_min_bytes:
-            blob = b"".join(parts)  # a copy the caller cannot change
-            self._pack.append((int(step), kind, blob))
-            self._pack_bytes += len(blob)
+        parts = list(data) if isinstance(data, (list, tuple)) else [data]
+        nbytes = sum(memoryview(p).nbytes for p in parts)
+        if nbytes < self.background_min_bytes:
+            if copy:
+                parts = [b"".join(parts)]  # a copy the caller cannot change
+            self._pack.append((int(step), kind, parts, nbytes))
+            self._pack_bytes += nbytes
             if self._pack_bytes >= self.pack_max_bytes:
                 self._write_pack()
             return None
@@ -368,7 +384,8 @@ class Run:
             from concurrent.futures import ThreadPoolExecutor
 
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajscope-writer")
-        data = data if isinstance(data, bytes) else b"".join(parts)  # a copy the caller cannot change
+        if copy:
+            data = data if isinstance(data, bytes) else b"".join(parts)  # a copy the caller cannot change
         self._pending.append((self._writer.submit(write_atomic, self.path / rel, data), int(step), kind, rel))
         return self.path / rel
 
@@ -376,16 +393,16 @@ class Run:
         """Write the waiting small snapshots as one pack file and queue their index rows."""
         if not self._pack:
             return
-        steps = [step for step, _, _ in self._pack]
+        steps = [step for step, _, _, _ in self._pack]
         n, rel = 0, paths.pack_relpath(min(steps), max(steps))
         while os.path.exists(self.path / rel):  # a pack of the same steps from before a resume
             n += 1
             rel = paths.pack_relpath(min(steps), max(steps), n)
-        write_atomic(self.path / rel, [blob for _, _, blob in self._pack])
+        write_atomic(self.path / rel, [part for _, _, parts, _ in self._pack for part in parts])
         offset = 0
-        for step, kind, blob in self._pack:
-            self._snapshot_rows.append((step, kind, rel, len(blob), offset))
-            offset += len(blob)
+        for step, kind, _, nbytes in self._pack:
+            self._snapshot_rows.append((step, kind, rel, nbytes, offset))
+            offset += nbytes
         self._pack, self._pack_bytes = [], 0
 
     def _drain(self, wait: bool) -> None:
@@ -429,12 +446,28 @@ class Run:
                                   self._scalar_rows)
             self._scalar_rows = []
         if self._sketch_rows:
-            self._con.executemany("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", self._sketch_rows)
-            self._sketch_rows = []
+            self._write_sketches()
         if self._snapshot_rows:
             self._con.executemany("INSERT OR REPLACE INTO snapshots (step, kind, path, nbytes, byte_offset) "
                                   "VALUES (?, ?, ?, ?, ?)", self._snapshot_rows)
             self._snapshot_rows = []
+
+    def _write_sketches(self) -> None:
+        """Append the queued sketches to ``sketches.f32`` and queue their index rows (step, byte
+        offset) into the transaction. The file is written before the rows that point into it
+        commit, so a process killed in between leaves only unlisted bytes at its end."""
+        if self._sketch_fd is None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+            self._sketch_fd = os.open(paths.sketch_path(self.path), flags, 0o644)
+        offset = os.lseek(self._sketch_fd, 0, os.SEEK_END)  # after any bytes a killed writer left
+        index = []
+        for steps, data in self._sketch_rows:
+            row = data.shape[1] * 4
+            index.extend((step, offset + i * row) for i, step in enumerate(steps))
+            offset += len(steps) * row
+        write_all(self._sketch_fd, [memoryview(data).cast("B") for _, data in self._sketch_rows])
+        self._sketch_rows = []
+        self._con.executemany("INSERT OR REPLACE INTO sketch_index (step, byte_offset) VALUES (?, ?)", index)
 
     def commit(self) -> None:
         self._flush()
@@ -462,6 +495,7 @@ class Run:
         self._con.execute("DELETE FROM events WHERE kind = 'controller' AND step > ?", (step,))
         self._con.execute("DELETE FROM scalars WHERE step > ?", (step,))
         self._con.execute("DELETE FROM sketches WHERE step > ?", (step,))
+        self._con.execute("DELETE FROM sketch_index WHERE step > ?", (step,))
         gone = {rel for (rel,) in self._con.execute("SELECT path FROM snapshots WHERE step > ?", (step,))}
         self._con.execute("DELETE FROM snapshots WHERE step > ?", (step,))
         kept = {rel for (rel,) in self._con.execute("SELECT DISTINCT path FROM snapshots")}
@@ -499,13 +533,34 @@ class Run:
     def sketches(self) -> tuple[np.ndarray, torch.Tensor]:
         """(steps (T,), sketches (T, k) float32) in step order."""
         self._flush()
-        rows = self._con.execute("SELECT step, data FROM sketches ORDER BY step").fetchall()
         k = self._meta.get("sketch", {}).get("k", 0)
+        rows = {step: np.frombuffer(data, dtype=np.float32)
+                for step, data in self._con.execute("SELECT step, data FROM sketches")}  # schema <= 2
+        if self._has_table("sketch_index"):
+            index = self._con.execute("SELECT step, byte_offset FROM sketch_index ORDER BY step").fetchall()
+            if index:
+                rows.update(self._sketch_file_rows(index, k))
         if not rows:
             return np.zeros(0, dtype=np.int64), torch.zeros(0, k)
-        steps = np.array([r[0] for r in rows], dtype=np.int64)
-        data = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-        return steps, torch.from_numpy(data.copy())
+        steps = np.array(sorted(rows), dtype=np.int64)
+        return steps, torch.from_numpy(np.stack([rows[t] for t in steps.tolist()]))
+
+    def _sketch_file_rows(self, index: list[tuple[int, int]], k: int) -> dict[int, np.ndarray]:
+        """{step: (k,) float32} of the index rows, read from ``sketches.f32``. Rows past its end
+        (the file lost its tail in a power failure: it is not synced) are left out, with a warning."""
+        path = paths.sketch_path(self.path)
+        data = np.fromfile(path, dtype=np.uint8) if path.exists() else np.zeros(0, dtype=np.uint8)
+        steps = np.array([t for t, _ in index], dtype=np.int64)
+        starts = np.array([o for _, o in index], dtype=np.int64)
+        whole = starts + 4 * k <= data.size
+        if not whole.all():
+            import warnings
+
+            warnings.warn(f"{path} ends before the sketches of {int((~whole).sum())} steps (from step "
+                          f"{int(steps[~whole][0])}); they are left out", RuntimeWarning, stacklevel=3)
+            steps, starts = steps[whole], starts[whole]
+        block = data[starts[:, None] + np.arange(4 * k)].view(np.float32).reshape(len(steps), k)
+        return dict(zip(steps.tolist(), block))
 
     def snapshot_steps(self, kind: str = "params") -> list[int]:
         self._flush()

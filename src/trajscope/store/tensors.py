@@ -84,7 +84,7 @@ def write_atomic(path: Path, data) -> int:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, flags, 0o644)
     try:
-        _write_all(fd, parts)
+        write_all(fd, parts)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -94,7 +94,7 @@ def write_atomic(path: Path, data) -> int:
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 
 
-def _write_all(fd: int, views: list[memoryview]) -> None:
+def write_all(fd: int, views: list[memoryview]) -> None:
     """Write every byte of ``views`` in order (``writev`` may write less than asked)."""
     views = [v for v in views if len(v)]
     while views:
