@@ -2,6 +2,7 @@
 and schedule-free AdamW, in one process, same budgets, same batches.
 
 Usage: .venv/bin/python benchmarks/lr_selection.py [--quick] [--json] [--workloads ...] [--threads 1]
+       [--root DIR] [--confirm-seeds N]
 
 Per workload (budgets in BUDGETS, shortened from the workloads' defaults so that the whole run fits
 a shared 2-core machine; the workload's own schedule, batch size and target) and per optimizer
@@ -32,6 +33,14 @@ runs (a grid's is the sum of its 5 trials; a trajscope method's is choosing plus
 race's losers and winner summed over their resumes), so a rerun on a ``--root`` that already holds
 them (``reused``: true) reports the first run's seconds; range-test and curvature choosing is
 always recomputed (it is not stored).
+
+``--confirm-seeds N`` (opt-in) removes the winner's bias of the grid's single-seed maximum: per
+(workload, optimizer) it reruns the grid's best rate and each trajscope method's chosen rate as plain
+runs on N fresh seeds (seed + 1 .. seed + N: new data draw where the workload generates its data, new
+init and batch order; a run that does not finish counts as 0) and reports their finals and means
+(``confirm``) and, in ``summary.confirm_seeds``, ``within_pairs`` and ``workloads_within_target`` of
+each method on the means (within 0.5 points of the grid rate's mean). The existing summary keys are
+computed as without the flag.
 """
 
 from __future__ import annotations
