@@ -169,9 +169,10 @@ class CurvatureOperator:
 
     def __call__(self, v: Tensor) -> Tensor:
         self.n_matvec += 1
-        vs = unflatten(v.to(dtype=self.dtype, device=self.device), self.params)
+        v = v.to(dtype=self.dtype, device=self.device)
         if self.resolved in DIFFERENCE and self._difference() is not None:
-            return self._fd(v.to(dtype=self.dtype, device=self.device))
+            return self._fd(v)
+        vs = unflatten(v, self.params)
         if self.single:
             x, y = self.data[0]
             return flatten(self._product(x, y, vs, cache=self.resolved == "double-backward"))
