@@ -79,6 +79,9 @@ class SharpnessProbe(BatchProbe):
     AFTER_BACKWARD. It is reused only if the base forward pass gives ``ctx.loss`` again (same
     batch, parameters and loss), all trainable parameters have a gradient and no process group of
     more than one rank is running (DDP averages gradients over ranks); otherwise it is computed.
+    It is not the default because it measures another point: on mnist1d-cnn (SGD lr 0.1, momentum
+    0.9, the step's batch) lambda_max at theta_{step-1} differed from the one at theta_step by 3-36%
+    (median 11%, 9 steps), far more than the 4e-3 error of the measurement.
     """
 
     default_name = "sharpness"
