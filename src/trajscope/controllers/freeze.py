@@ -8,8 +8,12 @@ What a frozen step still computes: the whole forward pass, and in the backward t
 of every layer between the loss and the earliest kept parameter; a frozen prefix that only the
 input feeds builds no autograd graph at all (so running it under ``no_grad`` would save nothing).
 On a small model the saving is therefore the frozen weight gradients plus their optimizer updates,
-about 22 % of a step for ``mnist1d-cnn`` on one CPU thread with the convolution kernels, 24-26 %
-with the dense operators below (``benchmarks/redundancy_freeze.py``).
+about 22 % of a step for ``mnist1d-cnn`` on one CPU thread with the convolution kernels, 24-27 %
+with the dense operators below (``benchmarks/redundancy_freeze.py``). The optimizer step does not
+shrink with the parameter count: a torch optimizer's cost is per tensor (a few small kernel calls
+each, plus a fixed cost), so updating 6 of 11 tensors (192 of 12,202 scalars) costs about 80 % of the
+full step; tensors without a gradient cost almost nothing, so narrowing the param groups to the
+kept set would not help.
 A frozen convolution is moreover a constant linear map: with ``frozen_ops="dense"`` (default) each
 frozen convolution on a small feature map (dense matrix of at most 64 Ki entries) runs as one
 product with that matrix, built once, forward and input gradient
@@ -35,7 +39,9 @@ When to switch:
   it switches. Default ``threshold=0.005``: the direction from the start turns by at most 0.5 % of
   what a random walk of that age would (it was 0.05; on ``mnist1d-cnn``, 3 seeds, that switched at
   steps 430-580 of 2,000 and lost 0.5 point of validation accuracy, while switches at 700-1,000
-  lost 0.1-0.3 point, within seed noise; ``benchmarks/README.md``, redundancy_freeze).
+  lost 0.1-0.3 point, within seed noise; ``benchmarks/README.md``, redundancy_freeze). The ratio
+  falls as a decaying schedule shrinks the steps, so in a short run it fires late: on the synthetic
+  ResNet-20 stand-in (batch 32, cosine) at steps 440-470 of 720, and at 220 of 240.
   It writes ``<name>/mds``, ``<name>/ratio``, ``<name>/update_cosine`` and
   ``<name>/baseline`` at each such decision step. ``regime="<probe>"``: no switch while the
   activation regime is chaotic (:mod:`trajscope.controllers.regime`).
