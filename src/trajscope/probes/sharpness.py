@@ -33,8 +33,9 @@ Measured on mnist1d-cnn (SGD lr 0.1 momentum 0.9, the step's batch of 128, every
 Lanczos by double backward to 1e-6 on the same batch and parameters): the defaults spend 3.3-4.2
 products per measurement (plus the base gradient), median relative error 4e-3, max 2.3e-2 (10
 measurements over 160 steps: 4.3e-3 / 2.3e-2; 20 over 320 steps: 4.1e-3 / 2.3e-2), and cost about
-5-6 training steps each on a shared, loaded CPU (1.21-1.55x the training time at every 16 steps over
-six runs of ``benchmarks/probe_overhead.py``, median 1.31). ``at="after_backward"`` saves the base
+4.7 training steps each on a shared, loaded CPU (1.29x the training time at every 16 steps in
+``benchmarks/probe_overhead.py``, plain and probed runs interleaved step by step; 4.2 of those 4.7
+are the gradients themselves). ``at="after_backward"`` saves the base
 backward pass (measured at theta_{step-1}: 4.0 products there, median / max error 2.3e-3 / 1.1e-2).
 Tighter: ``value_tol=0`` (residual rule only) 6 products, median 5e-4 (max 2.8e-3, the forward
 difference's own error); ``method="double-backward", value_tol=0``: 6 products of about 2.5 training
