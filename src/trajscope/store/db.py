@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scalars (
     step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
     PRIMARY KEY (step, name)) WITHOUT ROWID;
+-- sketches: schema <= 2 (a BLOB per step), still read; now the rows are in sketches.f32 at byte_offset
 CREATE TABLE IF NOT EXISTS sketches (step INTEGER PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS sketch_index (step INTEGER PRIMARY KEY, byte_offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
