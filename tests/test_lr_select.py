@@ -131,6 +131,8 @@ def test_compute_step_equivalents():
     c = Compute(batch_size=64, steps=10, hvps=3, hvp_examples=128)
     assert c.step_equivalents == 10 + 2 * 3 * 128 / 64
     assert c.add(Compute(64, steps=5, hvps=1, hvp_examples=128)).step_equivalents == 15 + 2 * 4 * 2
+    f = Compute(64, steps=2, forward_examples=96).add(Compute(64, forward_examples=96))
+    assert f.forward_examples == 192 and f.step_equivalents == pytest.approx(2 + 192 / (3 * 64))
 
 
 # ---- the race ----------------------------------------------------------------------------------
@@ -140,10 +142,11 @@ def test_race_rule():
     cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.03},
              {**base, "lr": 0.4, "loss": 0.99, "stability_ratio": 2.5}, {"lr": 0.8, "diverged": True},
              {**base, "lr": 1.6, "loss": 2.5}]
-    d = race_decision(cands, tol=0.05)
+    d = race_decision(cands, tol=0.05, key="loss")
     assert d["winner"] == 1 and d["keep"] == [1] and d["verdicts"][2].startswith("out: stability")
     assert d["verdicts"][3] == "out: diverged" and d["verdicts"][4].startswith("out: no progress")
-    assert race_decision(cands, tol=0.01)["winner"] == 0  # 1.03 is not within 1% of 1.00
+    assert race_decision(cands, tol=0.01, key="loss")["winner"] == 0  # 1.03 is not within 1% of 1.00
+    assert race_decision(cands, key="loss")["winner"] == 0  # the last iterate's default tie: 2%
     assert race_decision(cands, tol=0.01, key="val_loss")["winner"] == 1  # equal val losses: the larger rate
     with pytest.raises(UsageError):
         race_decision([{"lr": 1.0, "diverged": True}])
@@ -199,8 +202,16 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
     assert sel.choose.steps == curv["warmup_steps"] + loser_steps
     race_hvps = sum(c["hvps"] for c in sel.evidence["candidates"])
     assert race_hvps > 0 and sel.choose.hvps == curv["hvps"] + race_hvps
+    # each candidate's rung evaluations: the averaged iterate on 512 training examples (a multiple of
+    # the batch size) and the validation set, forward only, a third of a step per batch of examples
+    from trajscope import workloads
+
+    n_val = len(workloads.get("digits-mlp").make_data(cfg.seed, cfg.workload_options).x_val)
+    assert all(c["forward_examples"] == 512 + n_val for c in sel.evidence["candidates"])
+    assert sel.choose.forward_examples == 3 * (512 + n_val)
     assert sel.total_step_equivalents == pytest.approx(
-        sel.choose.steps + 2 * sel.choose.hvps * sel.choose.hvp_examples / cfg.batch_size + 60)
+        sel.choose.steps + (2 * sel.choose.hvps * sel.choose.hvp_examples + 3 * (512 + n_val) / 3) / cfg.batch_size
+        + 60)
     # a second call reads the candidates from the store instead of training them again
     again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
                      sharpness=True)
@@ -266,24 +277,97 @@ def test_race_rule_default_tie_tolerance_is_two_percent():
     base = {"first_loss": 2.34, "val_loss": 1.0}
     cnn = [{**base, "lr": 0.0622, "loss": 1.3275}, {**base, "lr": 0.0311, "loss": 1.1603},
            {**base, "lr": 0.0155, "loss": 1.1223}]
-    assert race_decision(cnn)["lr"] == 0.0155
-    assert race_decision(cnn, tol=0.05)["lr"] == 0.0311  # the rule up to 0b6a864
+    assert race_decision(cnn, key="loss")["lr"] == 0.0155
+    assert race_decision(cnn, tol=0.05, key="loss")["lr"] == 0.0311  # the rule up to 0b6a864
     mlp = [{**base, "lr": 0.125, "loss": 1.365}, {**base, "lr": 0.25, "loss": 1.385}]
-    assert race_decision(mlp)["lr"] == 0.25
-    assert race_decision(mlp, tol=0.01)["lr"] == 0.125
+    assert race_decision(mlp, key="loss")["lr"] == 0.25
+    assert race_decision(mlp, tol=0.01, key="loss")["lr"] == 0.125
     edge = [{**base, "lr": 0.1, "loss": 1.0}, {**base, "lr": 0.2, "loss": 1.0199}, {**base, "lr": 0.4, "loss": 1.0201}]
-    d = race_decision(edge, keep=3)
+    d = race_decision(edge, keep=3, key="loss")
     assert d["keep"] == [1, 0, 2] and "2 within 2%" in d["reason"]
+
+
+def test_subset_loss_matches_the_direct_mean_and_leaves_the_model_alone():
+    """Train-mode loss on chunks of the batch size (BatchNorm on each chunk's statistics), weighted
+    by chunk size, with the parameters replaced by a flat vector: against a deep copy loaded with
+    those parameters; the model's parameters, running statistics and the random state unchanged."""
+    import copy
+
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from trajscope.controllers.race import subset_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.3), nn.Linear(5, 2))
+    x, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+    theta = parameters_to_vector(model.parameters()).detach() + 0.1 * torch.randn(sum(p.numel() for p in model.parameters()))
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    got = subset_loss(model, nn.functional.cross_entropy, x, y, 16, theta)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ref_model = copy.deepcopy(model)
+    vector_to_parameters(theta, ref_model.parameters())
+    model[3].p = ref_model[3].p = 0.0  # dropout off, so that the reference draws the same (no) masks
+    got = subset_loss(model, nn.functional.cross_entropy, x, y, 16, theta)
+    with torch.no_grad():  # chunks of 16, 16 and 8, each on a fresh copy (its own batch statistics)
+        ref = sum(float(nn.functional.cross_entropy(copy.deepcopy(ref_model).train()(x[i:i + 16]), y[i:i + 16]))
+                  * len(x[i:i + 16]) for i in (0, 16, 32))
+    assert got == pytest.approx(ref / 40, rel=1e-6)
+    assert subset_loss(model, nn.functional.cross_entropy, x, y, 16) != pytest.approx(got, rel=1e-3)
+    model.eval()
+    subset_loss(model, nn.functional.cross_entropy, x, y, 16)
+    assert not model.training  # the mode is restored
+
+
+def test_race_evidence_averages_the_last_quarter_of_iterates(tmp_path):
+    """avg_loss at rung k: the loss (subset_loss on the first 512 training examples) of the mean of
+    theta_j, j = tail_start(k)..k, against the iterates of a plain run captured step by step; with
+    rungs 8 and 9 the second window (steps 8, 9) spans the stop and resume at step 8."""
+    from torch.nn.utils import parameters_to_vector
+
+    from trajscope import workloads
+    from trajscope.controllers.race import subset_loss, tail_start
+    from trajscope.controllers.race_run import _read, race_config
+    from trajscope.events import Callback
+    from trajscope.train import Trainer
+
+    assert [tail_start(k) for k in (1, 4, 8, 9, 20)] == [1, 4, 7, 8, 16]
+    cfg = _race_cfg(20).model_copy(update={"lr": 0.1})
+
+    class Capture(Callback):
+        thetas: dict = {}
+
+        def on_step_end(self, ctx):
+            self.thetas[ctx.step] = parameters_to_vector(ctx.model.parameters()).detach().clone()
+
+    cap = Capture()
+    Trainer(cfg.model_copy(update={"steps": 9}), root=tmp_path / "plain", callbacks=[cap], progress=False).fit()
+    rc = race_config(cfg, 0.1, [8, 9], 128)
+    first = Trainer(rc, root=tmp_path, progress=False).fit()
+    assert first["status"] == "stopped" and first["steps"] == 8
+    Trainer(rc, root=tmp_path, resume=True, progress=False).fit()
+    ev = _read(first["path"])["evidence"]
+    wl = workloads.get("digits-mlp")
+    data = wl.make_data(cfg.seed, cfg.workload_options)
+    torch.manual_seed(cfg.seed)
+    model = wl.make_model(cfg.workload_options)
+    for k, steps in ((8, (7, 8)), (9, (8, 9))):
+        avg = torch.stack([cap.thetas[j] for j in steps]).mean(0)
+        ref = subset_loss(model, wl.loss_fn, data.x_train[:512], data.y_train[:512], 128, avg)
+        assert ev[k]["avg_loss"] == pytest.approx(ref, rel=1e-5)
+        last = subset_loss(model, wl.loss_fn, data.x_train[:512], data.y_train[:512], 128, cap.thetas[k])
+        assert ev[k]["avg_loss"] != pytest.approx(last, rel=1e-4)  # the average, not the last iterate
 
 
 def test_race_rule_keeps_the_tied_largest_rates_first():
     base = {"first_loss": 2.3, "val_loss": 1.0}
     cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.04},
              {**base, "lr": 0.4, "loss": 1.20}, {**base, "lr": 0.8, "loss": 0.9, "diverged": True}]
-    d = race_decision(cands, tol=0.05, keep=2)
+    d = race_decision(cands, tol=0.05, keep=2, key="loss")
     assert d["keep"] == [1, 0] and d["winner"] == 1 and d["verdicts"][3] == "out: diverged"
-    assert race_decision(cands, tol=0.5, keep=3)["keep"] == [2, 1, 0]
-    assert race_decision(cands, tol=0.0, keep=3)["keep"] == [0, 1, 2]  # no tie: by training loss
+    assert race_decision(cands, tol=0.5, keep=3, key="loss")["keep"] == [2, 1, 0]
+    assert race_decision(cands, tol=0.0, keep=3, key="loss")["keep"] == [0, 1, 2]  # no tie: by training loss
     with pytest.raises(UsageError):
         race_decision(cands, keep=0)
 

@@ -1,10 +1,12 @@
 """What the learning-rate selectors share: compute accounting and a short plain training loop.
 
-:class:`Compute` counts what choosing a rate costs: optimizer steps, Hessian-vector products and
-wall time. Its ``step_equivalents`` converts HVPs into training steps so that methods compare on
-one axis: an HVP by double backward is one forward, one backward and one backward of the backward,
-about two forward-backward passes (DESIGN: double backward is the faster HVP on these models), so
-an HVP on ``n`` examples counts ``2 n / batch_size`` steps.
+:class:`Compute` counts what choosing a rate costs: optimizer steps, Hessian-vector products,
+forward-only evaluations and wall time. Its ``step_equivalents`` converts HVPs and forwards into
+training steps so that methods compare on one axis: an HVP by double backward is one forward, one
+backward and one backward of the backward, about two forward-backward passes (DESIGN: double
+backward is the faster HVP on these models), so an HVP on ``n`` examples counts ``2 n /
+batch_size`` steps; a forward pass is about a third of a forward-backward step (the backward costs
+about two forwards), so a forward on ``n`` examples counts ``n / (3 batch_size)`` steps.
 
 :class:`ShortLoop` is a workload's model, optimizer and batches exactly as the
 :class:`~trajscope.train.Trainer` makes them (same seed, same initial weights, same batch of step t),
@@ -27,29 +29,34 @@ from trajscope.config import RunConfig
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 HVP_COST = 2.0  # forward-backward passes per example of one double-backward HVP (see the docstring)
+FORWARD_COST = 1 / 3  # forward-backward passes per example of one forward-only evaluation
 
 
 @dataclass
 class Compute:
     """What choosing a rate cost. ``steps``: optimizer steps (each on ``batch_size`` examples);
-    ``hvps``: Hessian-vector products, each on ``hvp_examples`` examples; ``wall_s``: seconds."""
+    ``hvps``: Hessian-vector products, each on ``hvp_examples`` examples; ``forward_examples``:
+    examples passed forward only (evaluations), in total; ``wall_s``: seconds."""
 
     batch_size: int
     steps: int = 0
     hvps: int = 0
     hvp_examples: int = 0
     wall_s: float = 0.0
+    forward_examples: int = 0
 
     @property
     def step_equivalents(self) -> float:
-        """``steps + HVP_COST * hvps * hvp_examples / batch_size``."""
-        return self.steps + HVP_COST * self.hvps * self.hvp_examples / self.batch_size
+        """``steps + (HVP_COST * hvps * hvp_examples + FORWARD_COST * forward_examples) / batch_size``."""
+        return self.steps + (HVP_COST * self.hvps * self.hvp_examples
+                             + FORWARD_COST * self.forward_examples) / self.batch_size
 
     def add(self, other: "Compute") -> "Compute":
         if other.hvps and self.hvps and other.hvp_examples != self.hvp_examples:
             raise ValueError("cannot add HVP counts on different numbers of examples")
         return Compute(self.batch_size, self.steps + other.steps, self.hvps + other.hvps,
-                       self.hvp_examples or other.hvp_examples, self.wall_s + other.wall_s)
+                       self.hvp_examples or other.hvp_examples, self.wall_s + other.wall_s,
+                       self.forward_examples + other.forward_examples)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "step_equivalents": self.step_equivalents}

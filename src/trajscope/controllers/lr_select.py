@@ -4,14 +4,15 @@ Methods (``METHODS``): ``range-test`` (:mod:`~trajscope.controllers.range_test`,
 ``curvature`` (:mod:`~trajscope.controllers.curvature_lr`: eta = c T / lambda after a warm-up) and
 ``early-race`` (:mod:`~trajscope.controllers.race`, :mod:`~trajscope.controllers.race_run`: 6 rates
 a factor 2 apart around the curvature estimate share the budget by successive halving: all run to
-2.5% of the budget, the better half by recent training loss (ties within 2% to the larger rate) to
-10%, the best of those continues to the end without a restart; choosing costs 0.275 budgets plus
-the curvature estimate).
+2.5% of the budget, the better half by the loss of the averaged iterate of the rung's last quarter
+to 10%, the best of those continues to the end without a restart; choosing costs 0.275 budgets
+plus the curvature estimate and the rung evaluations).
 
 Compute accounting (:class:`~trajscope.controllers.lr_common.Compute`): ``choose`` is everything
 spent on the choice that the final run does not reuse (range-test steps; warm-up steps; the losers'
-race steps; every Hessian-vector product), ``train_steps`` the final run's steps (for the race the
-winner's whole budget, its race steps included). ``total_step_equivalents = choose.step_equivalents
+race steps; every Hessian-vector product; the race's forward-only rung evaluations),
+``train_steps`` the final run's steps (for the race the winner's whole budget, its race steps
+included). ``total_step_equivalents = choose.step_equivalents
 + train_steps``. The decision goes into the final run: an event of kind ``controller`` (data
 ``{"controller", "reason", "evidence"}``, drawn on the report's timeline) and the result
 ``lr_selection`` (:meth:`LRSelection.to_dict`).
@@ -100,7 +101,8 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
     (:func:`trajscope.sweep.run_configs`). ``options``: per method, ``range_steps``, ``lr_min``,
     ``lr_max`` (range-test); ``warmup``, ``examples`` (default: one batch, at most 128), ``c``
     (curvature and early-race); ``candidates``, ``factor``, ``rungs`` (fractions of the budget),
-    ``keep`` (fraction kept per rung), ``race_fraction`` (one rung there instead), ``tol`` (early-race).
+    ``keep`` (fraction kept per rung), ``race_fraction`` (one rung there instead), ``key`` (what
+    ranks the candidates: ``avg_loss``, ``loss``, ``val_loss``), ``tol`` (tie tolerance) (early-race).
     """
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
@@ -114,7 +116,7 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
     cfg = base_config(target, optimizer, steps, seed, record, momentum, batch_size)
     allowed = {"range-test": {"range_steps", "lr_min", "lr_max"}, "curvature": {"warmup", "examples", "c"},
                "early-race": {"warmup", "examples", "c", "candidates", "factor", "rungs", "keep", "race_fraction",
-                              "tol", "sharpness"}}[method]
+                              "tol", "sharpness", "key"}}[method]
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise unknown_choice(f"option of method {method!r}", unknown[0], allowed)

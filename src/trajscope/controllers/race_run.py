@@ -5,8 +5,8 @@
 3. rungs at the fractions ``rungs`` of the budget (default 2.5% and 10%, each at least 5 steps);
    every candidate is the final config at its rate plus a ``race`` controller that stops it at each
    rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
-   keeps ``ceil(n * keep)`` of them (default half; ties within ``tol``, default 2%, to the larger
-   rate), which are resumed to the next rung, and so on;
+   keeps ``ceil(n * keep)`` of them (default half, ranked by the loss of the averaged iterate of
+   the rung's last quarter, ``key="avg_loss"``), which are resumed to the next rung, and so on;
    the last rung keeps one. Runs go through :func:`trajscope.sweep.run_configs`
    (``executor``/``jobs``/``address``); a candidate already in the store at or past the rung is
    read, not trained again;
@@ -14,10 +14,11 @@
    in it at the last rung.
 
 Compute (choosing): the curvature estimate's warm-up steps and Hessian-vector products, each
-loser's steps up to the rung it lost at (or diverged), and the race's own Hessian-vector products;
-the winner's steps are all training. With the defaults, 3 losers at 2.5% and 2 at 10%: 0.275
-budgets, plus the curvature estimate (10-20 steps and about 20 products on at most 128 examples):
-a total of about 1.33-1.40 budgets on the benchmark's workloads. Why a first rung at 2.5% and not
+loser's steps up to the rung it lost at (or diverged), the race's own Hessian-vector products, and
+every candidate's forward-only rung evaluations (the averaged iterate on ``AVG_EXAMPLES`` training
+examples and the validation set, a third of a step per batch of examples); the winner's steps are
+all training. With the defaults, 3 losers at 2.5% and 2 at 10%: 0.275 budgets, plus the curvature
+estimate (10-20 steps and about 20 products on at most 128 examples) and 9 rung evaluations. Why a first rung at 2.5% and not
 5%: on a factor-2 grid of full runs (6 workload/optimizer pairs, 10 rates each), races of the 6
 rates around the measured curvature centres pick the same rate with a first rung at 2.5% as at 5%
 (the best of the grid on all 6 pairs), and the first rung is where the most candidates drop out,
@@ -38,6 +39,7 @@ from trajscope.errors import UsageError
 
 RUNGS = (0.025, 0.10)  # fractions of the budget where the race decides
 MIN_RUNG = 5          # steps
+AVG_EXAMPLES = 512    # training examples for the averaged-iterate loss at a rung
 
 
 def candidate_rates(center: float, n: int = 6, factor: float = 2.0) -> list[float]:
@@ -61,11 +63,15 @@ def rung_steps(budget: int, fractions: Sequence[float]) -> list[int]:
     return sorted({race_steps(budget, f) for f in fractions})
 
 
-def race_config(cfg: RunConfig, lr: float, rungs: Sequence[int], examples: int, sharpness: bool = False) -> RunConfig:
+def race_config(cfg: RunConfig, lr: float, rungs: Sequence[int], examples: int, sharpness: bool = False,
+                avg_examples: int = AVG_EXAMPLES) -> RunConfig:
     """``cfg`` at rate ``lr`` with a race controller stopping at each of ``rungs`` (``sharpness``: the
-    stability ratio on ``examples`` training examples at the last rung)."""
+    stability ratio on ``examples`` training examples at the last rung; ``avg_examples``: training
+    examples for the averaged-iterate loss). ``avg_examples`` is always in the controller's options,
+    so a candidate's run id differs from those of races stored before that loss was recorded."""
     opts = {"at": rungs[-1]} if len(rungs) == 1 else {"rungs": list(rungs)}
     opts.update({"examples": examples} if sharpness else {"sharpness_at": []})
+    opts["avg_examples"] = int(avg_examples)
     spec = CallbackSpec(kind="race", options=opts)
     return cfg.model_copy(update={"lr": float(lr), "controllers": cfg.controllers + (spec,)})
 
@@ -126,23 +132,30 @@ def _trained_s(r: dict[str, Any], rung: int) -> float:
     return float(ev["wall_s"]) if ev.get("wall_s") is not None else float(r.get("wall_s") or 0.0)
 
 
-def _rung_evidence(lr: float, r: dict[str, Any], rung: int) -> dict[str, Any]:
+def _rung_evidence(lr: float, r: dict[str, Any], rung: int, key: str = "loss") -> dict[str, Any]:
     if r["status"] == "failed":
         raise UsageError(f"race candidate at lr {lr:.4g} did not run: {r.get('error')}")
     if r["status"] == "diverged" and rung not in r["evidence"]:
         return {"lr": lr, "diverged": True, "steps": r["steps"]}
     if rung not in r["evidence"]:
         raise UsageError(f"race candidate at lr {lr:.4g} has no evidence at step {rung} ({r['status']})")
-    return {**r["evidence"][rung], "lr": lr, "steps": rung}
+    ev = r["evidence"][rung]
+    if key not in ev:
+        raise UsageError(f"race candidate at lr {lr:.4g} (run {r.get('run_id')}) has no {key!r} in its evidence at "
+                         f"step {rung}: it was stored by an older trajscope; use a fresh root")
+    return {**ev, "lr": lr, "steps": rung}
 
 
 def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None, executor: str = "local",
                jobs: int = 1, address: str | None = None, train: bool = True, progress: bool = True,
                warmup: int | None = None, examples: int | None = None, c: float | None = None, candidates: int = 6,
-               factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5, tol: float = 0.02,
-               sharpness: bool = False, race_fraction: float | None = None):
+               factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5,
+               sharpness: bool = False, race_fraction: float | None = None, key: str = "avg_loss",
+               tol: float | None = None):
     """The race (see the module docstring); returns an :class:`~trajscope.controllers.lr_select.LRSelection`.
-    ``race_fraction``: a one-rung race at that fraction (instead of ``rungs``)."""
+    ``race_fraction``: a one-rung race at that fraction (instead of ``rungs``); ``key``: what ranks
+    the candidates at a rung (:data:`~trajscope.controllers.race.KEYS`); ``tol``: the tie tolerance
+    (default: :data:`~trajscope.controllers.race.TIES` of ``key``)."""
     from trajscope.controllers.curvature_lr import MAX_EXAMPLES
     from trajscope.controllers.lr_select import LRSelection, _curvature, store
     from trajscope.controllers.race import race_decision
@@ -164,9 +177,9 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
     for k, rung in enumerate(steps):
         for i, r in zip(alive, _advance([configs[i] for i in alive], rung, root, executor, jobs, address, progress)):
             runs[i] = r
-        evidence = [_rung_evidence(rates[i], runs[i], rung) for i in alive]
+        evidence = [_rung_evidence(rates[i], runs[i], rung, key) for i in alive]
         n_keep = 1 if k == len(steps) - 1 else max(1, math.ceil(len(alive) * keep))
-        d = race_decision(evidence, tol=tol, keep=n_keep)
+        d = race_decision(evidence, tol=tol, keep=n_keep, key=key)
         kept = [alive[j] for j in d["keep"]]
         for j, i in enumerate(alive):
             if i not in kept:
@@ -177,8 +190,9 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
     w = alive[0]
     batch = curv.choose.batch_size
     race_hvps = sum(e.get("hvps") or 0 for d in decisions for e in d["candidates"])
+    forwards = sum(e.get("forward_examples") or 0 for d in decisions for e in d["candidates"])
     choose = curv.choose.add(Compute(batch, steps=sum(out_at.values()), hvps=race_hvps,
-                                     hvp_examples=n_ex if race_hvps else 0))
+                                     hvp_examples=n_ex if race_hvps else 0, forward_examples=forwards))
     # wall time: the curvature estimate and the losers' race runs (each run's own seconds, so the
     # figure does not depend on how many ran in parallel); the winner's race seconds are training
     choose.wall_s = (t_race - t0) + sum(_trained_s(runs[i], out_at[i]) for i in out_at)
