@@ -12,15 +12,17 @@ from pathlib import Path
 
 from trajscope.errors import CorruptRunError
 
-SCHEMA_VERSION = 3  # 2: snapshots.byte_offset (snapshots packed into one file); 3: sketches.f32 + sketch_index
+SCHEMA_VERSION = 4  # 2: snapshots.byte_offset (snapshots packed into one file); 3: sketches.f32 + sketch_index;
+# 4: sketches back in the database (schema 3 runs still read, resume and truncate)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS scalars (
     step INTEGER NOT NULL, name TEXT NOT NULL, value REAL,
     PRIMARY KEY (step, name)) WITHOUT ROWID;
--- sketches: schema <= 2 (a BLOB per step), still read; now the rows are in sketches.f32 at byte_offset
+-- sketches: one row per recorded step, its k float32 values as a BLOB
 CREATE TABLE IF NOT EXISTS sketches (step INTEGER PRIMARY KEY, data BLOB NOT NULL);
+-- sketch_index: schema 3 only (the values were rows of sketches.f32 at byte_offset); read, never written
 CREATE TABLE IF NOT EXISTS sketch_index (step INTEGER PRIMARY KEY, byte_offset INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     step INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, nbytes INTEGER NOT NULL,

@@ -3,9 +3,9 @@
 ::
 
     <root>/<run-id>/
-        run.db                      SQLite (WAL): meta, scalars, sketch and snapshot indexes, events
-        sketches.f32                the sketches: float32 rows of k values, appended at each
-                                    commit (the index gives each step's byte offset)
+        run.db                      SQLite (WAL): meta, scalars, sketches (a row per step),
+                                    snapshot index, events
+        sketches.f32                schema 3 runs only: their sketches as float32 rows (read)
         run.lock                    held (flock) by the one process that writes the run
         snapshots/<kind>-<step>.safetensors   a snapshot in a file of its own; kind: params,
                                     grads, optim, buffers, checkpoint

@@ -28,7 +28,7 @@ from trajscope.errors import CorruptRunError, RunExistsError, RunLockedError
 from trajscope.store import paths
 from trajscope.store.db import SCHEMA_VERSION, connect, durable, has_byte_offsets
 from trajscope.store.tensors import (encode_tensors, load_tensors, load_tensors_range, save_state, save_tensors,
-                                     state_from, write_all, write_atomic)
+                                     state_from, write_atomic)
 
 STATUSES = ("running", "finished", "crashed", "diverged", "stopped")  # stopped: a callback asked, resumable
 
@@ -108,6 +108,7 @@ class Run:
 
     background_min_bytes = 1 << 20  # snapshots at least this big are written on a background thread
     pack_max_bytes = 32 << 20  # a pack of smaller snapshots is written once it holds this many bytes
+    checkpoint_min_bytes = 256 << 10  # a commit after this many sketch bytes starts a background checkpoint
 
     def __init__(self, path: Path, con: sqlite3.Connection, lock: _Lock | None):
         self.path = Path(path)
@@ -121,7 +122,15 @@ class Run:
         # the recorder's cost on small models; readers of this object flush them first.
         self._scalar_rows: list[tuple[int, str, float]] = []
         self._sketch_rows: list[tuple[list[int], np.ndarray]] = []  # (steps, their (n, k) float32 rows)
-        self._sketch_fd: int | None = None  # sketches.f32, opened for appending at the first write
+        # Schema 3 kept sketch values in sketches.f32 (index rows in sketch_index); a step written
+        # again now (a resume) must leave that index, or the reader would take the old row.
+        self._legacy_index = self._has_table("sketch_index") and con.execute(
+            "SELECT 1 FROM sketch_index LIMIT 1").fetchone() is not None
+        # Background WAL checkpoints (see _checkpoint_soon): bytes committed since the last one.
+        self._unfolded = 0
+        self._ckpt_pool = None
+        self._ckpt_future = None
+        self._ckpt_con: sqlite3.Connection | None = None
         self._snapshot_rows: list[tuple[int, str, str, int, int]] = []  # in files already whole on disk
         # Small snapshots wait here (step, kind, bytes of the file) and are written together, one
         # pack file per commit: creating a file costs more than writing 50 kB (see write_snapshot).
@@ -223,12 +232,11 @@ class Run:
                 self._writer.shutdown(wait=True)
             if status is not None:
                 self.set_status(status, step=step, reason=reason)
-            self.commit()
+            self.commit(checkpoint=False)
+            self._stop_checkpoints()
             # Fold the WAL into the database so the directory is one file again.
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if self._sketch_fd is not None:
-            os.close(self._sketch_fd)
-            self._sketch_fd = None
+        self._stop_checkpoints()
         self._con.close()
         self._con = None
         if self._lock is not None:
@@ -453,28 +461,63 @@ class Run:
             self._snapshot_rows = []
 
     def _write_sketches(self) -> None:
-        """Append the queued sketches to ``sketches.f32`` and queue their index rows (step, byte
-        offset) into the transaction. The file is written before the rows that point into it
-        commit, so a process killed in between leaves only unlisted bytes at its end."""
-        if self._sketch_fd is None:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-            self._sketch_fd = os.open(paths.sketch_path(self.path), flags, 0o644)
-        offset = os.lseek(self._sketch_fd, 0, os.SEEK_END)  # after any bytes a killed writer left
-        index = []
-        for steps, data in self._sketch_rows:
-            row = data.shape[1] * 4
-            index.extend((step, offset + i * row) for i, step in enumerate(steps))
-            offset += len(steps) * row
-        write_all(self._sketch_fd, [memoryview(data).cast("B") for _, data in self._sketch_rows])
+        """Queue the sketches into the transaction: one row per step, its k float32 values as a
+        BLOB (native byte order, little-endian on every platform torch supports)."""
+        rows = [(step, data[i].tobytes()) for steps, data in self._sketch_rows for i, step in enumerate(steps)]
         self._sketch_rows = []
-        self._con.executemany("INSERT OR REPLACE INTO sketch_index (step, byte_offset) VALUES (?, ?)", index)
+        if self._legacy_index:
+            self._con.executemany("DELETE FROM sketch_index WHERE step = ?", [(t,) for t, _ in rows])
+        self._con.executemany("INSERT OR REPLACE INTO sketches (step, data) VALUES (?, ?)", rows)
+        self._unfolded += sum(len(b) for _, b in rows)
 
-    def commit(self) -> None:
+    def commit(self, checkpoint: bool = True) -> None:
         self._flush()
         if self._pending:
             self._drain(wait=False)
         self._con.commit()
         self._last_commit = time.monotonic()
+        if checkpoint and self._unfolded >= self.checkpoint_min_bytes:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Fold the committed WAL into the database on a background thread (a PASSIVE checkpoint
+        on a connection of its own), unless one is still running.
+
+        A checkpoint syncs the WAL and then the database (``synchronous=NORMAL``); its cost is
+        mostly waiting for the disk, which a thread of its own spends while training goes on
+        instead of all of it at :meth:`close`, which then folds only what came after the last one.
+        A checkpoint is SQLite's own operation: a process killed during one loses nothing."""
+        if self._ckpt_future is not None and not self._ckpt_future.done():
+            return
+        if self._ckpt_future is not None:
+            self._ckpt_future.result()  # an error of the last one surfaces here
+        if self._ckpt_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ckpt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trajscope-checkpoint")
+        self._unfolded = 0
+        self._ckpt_future = self._ckpt_pool.submit(self._checkpoint_passive)
+
+    def _checkpoint_passive(self) -> None:
+        if self._ckpt_con is None:
+            self._ckpt_con = sqlite3.connect(str(paths.db_path(self.path)), timeout=30.0,
+                                             isolation_level=None, check_same_thread=False)
+            self._ckpt_con.execute("PRAGMA synchronous=NORMAL")
+        self._ckpt_con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _stop_checkpoints(self) -> None:
+        """Wait for a background checkpoint and close its connection (never the last one: the
+        run's own connection is still open, so closing it folds nothing)."""
+        if self._ckpt_pool is None:
+            return
+        try:
+            if self._ckpt_future is not None:
+                self._ckpt_future.exception()  # wait; a failed background fold changes nothing stored
+        finally:
+            self._ckpt_pool.shutdown(wait=True)
+            if self._ckpt_con is not None:
+                self._ckpt_con.close()
+            self._ckpt_pool, self._ckpt_future, self._ckpt_con = None, None, None
 
     def commit_due(self, every_s: float) -> bool:
         """Whether at least ``every_s`` seconds passed since the last commit (0: always)."""
