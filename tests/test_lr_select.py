@@ -360,6 +360,15 @@ def test_race_evidence_averages_the_last_quarter_of_iterates(tmp_path):
         assert ev[k]["avg_loss"] != pytest.approx(last, rel=1e-4)  # the average, not the last iterate
 
 
+def test_race_refuses_stored_candidates_without_the_ranking_evidence():
+    from trajscope.controllers.race_run import _rung_evidence
+
+    old = {"status": "stopped", "run_id": "abc", "evidence": {8: {"loss": 1.0, "val_loss": 1.1}}}
+    with pytest.raises(UsageError, match="older trajscope"):
+        _rung_evidence(0.1, old, 8, "avg_loss")
+    assert _rung_evidence(0.1, old, 8, "loss") == {"loss": 1.0, "val_loss": 1.1, "lr": 0.1, "steps": 8}
+
+
 def test_race_rule_keeps_the_tied_largest_rates_first():
     base = {"first_loss": 2.3, "val_loss": 1.0}
     cands = [{**base, "lr": 0.1, "loss": 1.00}, {**base, "lr": 0.2, "loss": 1.04},
