@@ -13,7 +13,8 @@ a shared 2-core machine; the workload's own schedule, batch size and target) and
   its steps to target the best trial's own (as AlgoPerf scores it) plus ``grid_steps_to_target_all``
   (the 4 other trials' budgets added, what the search really spent before its answer);
 - ``range-test``, ``curvature``, ``early-race``: :func:`trajscope.select_lr` (compute = choosing +
-  the final run, in step-equivalents: optimizer steps plus 2 x HVP examples / batch size);
+  the final run, in step-equivalents: optimizer steps plus 2 x HVP examples / batch size plus
+  forward-only evaluation examples / (3 x batch size), the race's rung evaluations);
 - ``prodigy`` (lr 1.0, the workload's schedule) and ``schedulefree`` (schedule-free AdamW, lr
   0.0025, constant rate): at their defaults, once per workload (no optimizer choice to make).
 
