@@ -65,31 +65,39 @@ def _worker(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _record_both_ways(rank: int, mode: str, root: str) -> None:
-    """Record the run of ``mode`` ("ddp" or "fsdp"), try bad set-ups, then a NaN on rank 1 only;
-    what each rank saw goes to checks-<mode>-<rank>.json."""
+def _wrapped(mode: str) -> nn.Module:
     model = _model()
     if mode == "ddp":
-        model = nn.parallel.DistributedDataParallel(model)
-    else:
-        from torch.distributed.fsdp import fully_shard
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
 
-        for layer in (model[0], model[2]):
-            fully_shard(layer)
-        fully_shard(model)
-    gathers = []
-    full = D.full
-    D.full = lambda t: gathers.append(1) or full(t)  # count the collectives that gather snapshots
-    run = trajscope.Run.create(root, {"mode": mode}, seed=0) if rank == 0 else None
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _record_both_ways(rank: int, mode: str, root: str) -> None:
+    """Record the run of ``mode`` ("ddp" or "fsdp") with reduce_every 8 (the default: every
+    step's values are reduced at close) and 2 (three reductions: one started at step 1, 3 and 5
+    each, the one before finished as the next starts), try bad set-ups, then a NaN on rank 1
+    only; what each rank saw goes to checks-<mode>-<rank>.json."""
     checks = {"layout": None, "errors": []}
-    try:
-        rec = trajscope.Recorder(model, run, snapshots=trajscope.schedules.at([0, 2, 5]))
-        checks["layout"] = rec.layout.mode
-        _train(model, rec, rank, WORLD)
-        rec.close()
-    finally:
-        D.full = full
-    checks["gathers"] = len(gathers)
+    for every in (8, 2):
+        model = _wrapped(mode)
+        gathers = []
+        full = D.full
+        D.full = lambda t: gathers.append(1) or full(t)  # count the collectives that gather snapshots
+        run = trajscope.Run.create(root, {"mode": mode, "every": every}, seed=0) if rank == 0 else None
+        try:
+            rec = trajscope.Recorder(model, run, snapshots=trajscope.schedules.at([0, 2, 5]), reduce_every=every)
+            checks["layout"] = rec.layout.mode
+            checks["measured"] = 0 if rec._state is None else rec._state.numel  # elements this rank measures
+            _train(model, rec, rank, WORLD)
+            rec.close()
+        finally:
+            D.full = full
+        checks[f"gathers-{every}"] = len(gathers)
     # Bad set-ups: one line each, before anything is written.
     for bad_run in ([None] if rank == 0 else [trajscope.Run.create(root, {"bad": rank, "mode": mode})]):
         try:
@@ -101,11 +109,12 @@ def _record_both_ways(rank: int, mode: str, root: str) -> None:
             trajscope.Recorder(model, trajscope.Run.create(root, {"ck": 1}), checkpoints=trajscope.schedules.at([3]))
         except UsageError as e:
             checks["errors"].append(str(e))
-    # A NaN loss on rank 1 alone: both ranks stop at the same step, rank 0 marks the run. Under
-    # DDP the verdicts of steps 3-5 travel in one reduction (0-2, 3-5 with reduce_every=3), which
-    # finishes at step 6: rank 0 records steps 4 and 5, and drops them.
+    # A NaN loss on rank 1 alone: both ranks stop at the same step, rank 0 marks the run. The
+    # values of steps 2-3 travel in one reduction (0-1, 2-3, 4-5 with reduce_every=2), finished
+    # when the next one starts, at step 5: rank 0 records steps 4 and 5, and drops them.
+    model = _wrapped(mode)
     run = trajscope.Run.create(root, {"mode": mode, "nan": True}, seed=0) if rank == 0 else None
-    rec = trajscope.Recorder(model, run, reduce_every=3)
+    rec = trajscope.Recorder(model, run, reduce_every=2)
     try:
         _train(model, rec, rank, WORLD, nan_at=3 if rank == 1 else None)
     except DivergedError as e:
@@ -148,11 +157,16 @@ def _find(root: Path, **config) -> trajscope.Run:
     raise AssertionError(f"no run with config {config}")
 
 
+@pytest.mark.parametrize("every", [8, 2])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_record_the_single_process_trajectory(mode, reference, spawned):
+def test_two_processes_record_the_single_process_trajectory(mode, every, reference, spawned):
     checks = [json.loads(Path(spawned, f"checks-{mode}-{r}.json").read_text()) for r in range(WORLD)]
     assert [c["layout"] for c in checks] == [{"ddp": "replicated", "fsdp": "sharded"}[mode]] * WORLD
-    run = _find(spawned, mode=mode)
+    # DDP: rank 0 writes and rank 1 measures the whole vector; FSDP2: each rank its shards
+    # (rows 4 + 3 of the 7 x 10 weight and 7 biases, 1 + 0 of the head's weight and bias)
+    total = sum(p.numel() for p in _model().parameters())
+    assert [c["measured"] for c in checks] == ([0, total] if mode == "ddp" else [40 + 4 + 7 + 1, 30 + 3])
+    run = _find(spawned, mode=mode, every=every)
     assert run.status == "finished"
     got, want = run.scalars(wide=True), reference.scalars(wide=True)
     assert list(got.index) == list(range(STEPS + 1)) and set(got.columns) == set(want.columns)
@@ -170,7 +184,7 @@ def test_two_processes_record_the_single_process_trajectory(mode, reference, spa
         for n in b:
             torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
     # FSDP2 gathers full tensors only on the snapshot schedule (4 tensors x 3 steps), on every rank.
-    assert [c["gathers"] for c in checks] == ([0, 0] if mode == "ddp" else [12, 12])
+    assert [c[f"gathers-{every}"] for c in checks] == ([0, 0] if mode == "ddp" else [12, 12])
     # Bad set-ups are refused with one line.
     assert "needs a run" in checks[0]["errors"][0] and "pass run=None" in checks[1]["errors"][0]
     if mode == "fsdp":
@@ -182,4 +196,21 @@ def test_two_processes_record_the_single_process_trajectory(mode, reference, spa
     assert nan_run.status == "diverged" and nan_run.meta["status_step"] == 3
     assert sorted(set(nan_run.scalars()["step"])) == [0, 1, 2, 3]
     assert max(nan_run.sketches()[0]) <= 3 and max(nan_run.snapshot_steps()) <= 3  # nothing after it
-    assert [c["nan_steps_run"] for c in checks] == ([6, 6] if mode == "ddp" else [3, 3])
+    assert [c["nan_steps_run"] for c in checks] == [5, 5]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_measured_parts_cover_every_element_once(world):
+    sizes = [7, 0, 70, 1, 3]
+    seen = []
+    for rank in range(world):
+        part = D.measured_part(sizes, rank, world)
+        if world > 1 and rank == 0:
+            assert part == []  # the writer measures nothing
+        for j, a, b in part:
+            assert 0 <= a < b <= sizes[j]
+            seen += [(j, i) for i in range(a, b)]
+    assert seen == [(j, i) for j, n in enumerate(sizes) for i in range(n)]  # in order, once each
+    # contiguous, and as even as whole elements allow
+    counts = [sum(b - a for _, a, b in D.measured_part(sizes, r, world)) for r in range(world)][world > 1:]
+    assert max(counts) - min(counts) <= 1

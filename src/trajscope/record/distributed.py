@@ -4,15 +4,25 @@ The :class:`~trajscope.record.Recorder` finds one of three layouts from the mode
 
 - ``single``: no process group, or a world of one: this process holds every parameter.
 - ``replicated`` (``DistributedDataParallel``): every rank holds every parameter and, after each
-  optimizer step, the same values. Rank 0 measures and writes; every rank takes part in one
-  ``all_reduce`` per ``reduce_every`` steps (default 8) that averages their losses (each rank's
-  loss is that of its part of the global batch) and agrees on divergence; it completes during
-  the next step (:class:`PendingReduction`).
+  optimizer step, the same values. Rank 0 writes the run and its snapshots (copied on their
+  steps only) and measures nothing; ranks 1 .. world-1 each take a contiguous part of the flat
+  parameter vector (:func:`measured_part`) and compute, for it, the squared norms of the
+  parameters, gradients and update and the partial sketch. (Halving the part a rank measures
+  saved nothing on a 12k-parameter CNN: each call's cost is fixed, not per byte; so the work is
+  moved off the writer instead.)
 - ``sharded`` (FSDP2, ``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded on
-  dim 0 over a 1-D device mesh. Every rank measures its local shards; squared norms and sketches
-  are summed with one ``all_reduce`` (the sketch is generated from (seed, name, global offset), so
-  the sum of the shards' sketches is exactly the sketch of the whole vector). Full tensors are
-  gathered (a collective on every rank) only on the snapshot schedule.
+  dim 0 over a 1-D device mesh. Every rank measures its local shards. Full tensors are gathered
+  (a collective on every rank) only on the snapshot schedule.
+
+In both distributed layouts the parts' squared norms and sketches are summed over the ranks (the
+sketch is generated from (seed, name, global offset), so the sum of the parts' sketches is
+exactly the sketch of the whole vector), together with the losses (averaged: each rank's loss is
+that of its part of the global batch), ``reduce_every`` steps (default 8) in one asynchronous
+``all_reduce`` (:class:`PendingReduction`), finished when the next one starts: then rank 0
+writes the steps of one batch while the other ranks measure those of the next (the ranks meet at
+every gradient all-reduce, so work done in the same step costs the slowest rank's share, work
+in different steps the sum). Every rank takes the same decision on divergence, up to
+``2 * reduce_every - 1`` steps after it.
 """
 
 from __future__ import annotations
@@ -121,15 +131,42 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
+def split(sizes: list[int], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """Part ``rank`` of ``world`` of the concatenation of tensors of ``sizes`` elements:
+    ``[(tensor index, first element, end element)]``, the elements ``rank * P // world .. (rank +
+    1) * P // world - 1`` of the P in all (contiguous; at most two tensors cut); the parts cover
+    every element once."""
+    total = sum(sizes)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    out, start = [], 0
+    for j, n in enumerate(sizes):
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append((j, a - start, b - start))
+        start += n
+    return out
+
+
+def measured_part(sizes: list[int], rank: int, world: int) -> list[tuple[int, int, int]]:
+    """What rank ``rank`` measures under DDP (as :func:`split` gives it): nothing on rank 0 (the
+    writer) when there are other ranks, part ``rank - 1`` of ``world - 1`` on the others."""
+    if world == 1:
+        return split(sizes, 0, 1)
+    return [] if rank == 0 else split(sizes, rank - 1, world - 1)
+
+
 class PendingReduction:
-    """Under DDP, the ``[loss, non-finite flag]`` of ``every`` steps in one all_reduce, started
-    without waiting (``async_op``) once that many steps are queued and finished at the next step.
+    """Under DDP and FSDP2, one row per step: ``[loss, this rank's part's values]`` (the part's
+    values: whether it had a gradient, its three squared norms, its partial sketch), the rows of
+    ``every`` steps summed over the ranks in one all_reduce, started without waiting
+    (``async_op``) once that many steps are queued and finished at the next step.
 
     Collectives of a group run in order, so by the time the next step's gradient all-reduce is
     done this one is too, and no rank ever waits for it. An extra collective per step cost ~7% of
-    a small CNN's DDP step (gloo, 2 CPU processes), hence the batches. The cost: the loss and a
-    divergence of step t become known up to ``every`` steps later (at the latest at ``finish(
-    flush=True)``, which every rank calls at close)."""
+    a small CNN's DDP step (gloo, 2 CPU processes), hence the batches; a row of ~1,000 values
+    costs no more to send than one of 2. The cost: the values of step t become known up to
+    ``2 * every - 1`` steps later, when the recorder finishes one reduction just before it
+    starts the next (at the latest at ``finish(flush=True)``, which every rank calls at close)."""
 
     def __init__(self, layout: Layout, every: int = 8):
         if every < 1:
@@ -147,31 +184,48 @@ class PendingReduction:
     def due(self) -> bool:
         return len(self._queued) >= self.every
 
-    def start(self, flagged: dict[int, bool]) -> None:
-        """Start the reduction of the queued steps, with this rank's verdicts ``flagged[step]``
-        (taken out of the dict; a step missing from it counts as finite)."""
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def clear(self) -> None:
+        """Forget the queued steps and the result of the reduction in flight (every rank stopped
+        at the same step)."""
+        self._queued = []
+        if self._pending is not None:
+            self._pending[2].wait()
+            self._pending = None
+
+    def start(self, parts: Tensor) -> None:
+        """Start the reduction of the queued steps, with this rank's values ``parts`` (n, w) of
+        them, in order (n = the queued steps)."""
         import torch.distributed as dist
 
         rows = self._queued
+        if parts.shape[0] != len(rows):
+            raise RuntimeError(f"{parts.shape[0]} rows of values for {len(rows)} queued steps")
         self._queued = []
-        vec = torch.tensor([[0.0 if loss is None else loss for _, loss in rows],
-                            [float(flagged.pop(step, False)) for step, _ in rows]], device=self.layout.device)
+        losses = torch.tensor([[0.0 if loss is None else loss] for _, loss in rows], dtype=parts.dtype)
+        vec = torch.cat([losses.to(parts.device), parts], dim=1).to(self.layout.device)
         work = dist.all_reduce(vec, group=self.layout.group, async_op=True)
         self._pending = (rows, vec, work)
 
-    def finish(self, flush: bool = False, flagged: dict[int, bool] | None = None) -> list[tuple[int, float | None, bool]]:
-        """[(step, loss averaged over ranks or None, whether any rank flagged it)] of the reduction
-        in flight (and, with ``flush``, of the queued steps too, reduced now with ``flagged``),
-        in step order."""
+    def finish(self, flush: bool = False, parts: Tensor | None = None) -> tuple[list[int], list[float | None], Tensor]:
+        """(steps, losses averaged over ranks (None where this rank had none), (n, w) values
+        summed over ranks) of the reduction in flight (and, with ``flush``, of the queued steps
+        too, reduced now with this rank's ``parts`` of them), in step order."""
         if flush and self._queued:
-            done = self.finish()
-            self.start({} if flagged is None else flagged)
-            return done + self.finish()
+            steps, losses, sums = self.finish()
+            self.start(parts)
+            more = self.finish()
+            return (steps + more[0], losses + more[1], torch.cat([sums, more[2]]) if steps else more[2])
         if self._pending is None:
-            return []
+            return [], [], torch.zeros(0, 0)
         rows, vec, work = self._pending
         self._pending = None
         work.wait()
-        totals, flags = vec.tolist()
-        return [(step, None if loss is None else total / self.layout.world, flag > 0)
-                for (step, loss), total, flag in zip(rows, totals, flags)]
+        vec = vec.cpu()
+        totals = vec[:, 0].tolist()
+        return ([step for step, _ in rows],
+                [None if loss is None else total / self.layout.world for (_, loss), total in zip(rows, totals)],
+                vec[:, 1:])

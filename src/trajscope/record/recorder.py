@@ -14,9 +14,10 @@ i >= 1; ``grad_norm`` (L2 norm over all parameters' ``.grad``, as present when `
 of theta_t over all parameters). Norms are over every parameter of the model, in float32.
 
 Under torch.distributed (see ``record/distributed.py``) every rank builds the Recorder and calls
-``step``; rank 0 passes the run and the others ``run=None``. The loss is averaged over ranks (under
-DDP in batches of ``reduce_every`` steps, so a divergence stops every rank up to that many steps
-late, and what rank 0 recorded after the diverged step is dropped).
+``step``; rank 0 passes the run and the others ``run=None``. Each rank measures its part of the
+parameters; the parts' values and the losses (averaged over ranks) are summed in batches of
+``reduce_every`` steps, so a divergence stops every rank up to ``2 * reduce_every - 1`` steps
+late, and what rank 0 recorded after the diverged step is dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from trajscope.errors import DivergedError, UsageError
 from trajscope.record import checkpoint as ckpt
 from trajscope.record import distributed as D
 from trajscope.record.plan import Plan
-from trajscope.record.state import FlatState, TensorState, batch_rows
+from trajscope.record.state import FlatState, TensorState, _dense, batch_rows
 from trajscope.store import Run
 from trajscope.store.tensors import safetensors_header
 
@@ -95,8 +96,8 @@ class Recorder:
             recorded after it is dropped. Above ``flat_max``, per tensor (one copy of the
             parameters), each step at once.
         process_group: the torch.distributed group the model trains in (default: the default group).
-        reduce_every: under DDP, the losses (and non-finite verdicts) of this many steps are
-            averaged over the ranks in one all_reduce (see ``PendingReduction``).
+        reduce_every: under DDP and FSDP2, the losses, squared norms and sketches of this many
+            steps are summed over the ranks in one all_reduce (see ``PendingReduction``).
     """
 
     def __init__(self, model: nn.Module, run: Run | None, *, scalars=S.every(1), snapshots=S.dense_early(),
@@ -126,17 +127,18 @@ class Recorder:
             from trajscope.functional.sketch import Sketcher
 
             self._sketcher = Sketcher(k=sketch_dim, seed=sketch_seed)
-        self._state = None
-        self._reduction = D.PendingReduction(self.layout, reduce_every) if self.layout.mode == "replicated" else None
+        self._reduction = D.PendingReduction(self.layout, reduce_every) if self.layout.mode != "single" else None
         self._snap_head = None  # cached safetensors header of a whole-model float32 snapshot
+        self._pieces: list[tuple[int, int, int, bool]] = []  # DDP: this rank's (param, first, end, whole)
         self._pending: list[_Pending] = []  # steps pushed into the state, not yet processed
-        self._flags: dict[int, bool] = {}  # DDP, rank 0: step -> parameters not finite
+        self._waiting: list[_Pending] = []  # distributed: steps processed here, not yet reduced
+        self._parts: list[torch.Tensor] = []  # distributed: this rank's (n, 4 + k) values of those not sent
         self._late = None  # (step, reason, values) of a divergence found by a flush of the run
         self._in_hook = False
         if run is not None:
             run.flush_hooks.append(self._hand_over)
-        if self.layout.writer or self.layout.mode == "sharded":  # others in DDP only reduce the loss
-            self._state = self._make_state(flat_max)
+        self._state = self._make_state(flat_max)  # None on the DDP writer, which measures nothing
+        if self._state is not None:
             self._state.prime(self._local()[0])  # theta_{start}: the first update_norm after a resume
         self._step = start_step
         self.closed = False
@@ -157,29 +159,47 @@ class Recorder:
                              "recorded; save them with torch.distributed.checkpoint")
 
     def _local(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """This rank's parts of the parameters and of their gradients (the tensors themselves
-        outside FSDP2; fetched anew each step so a replaced ``.data`` is seen)."""
-        if self.layout.mode != "sharded":
+        """This rank's parts of the parameters and of their gradients (the tensors themselves in
+        a single process; fetched anew each step so a replaced ``.data`` is seen)."""
+        mode = self.layout.mode
+        if mode == "single":
             return self._params, [p.grad for p in self._params]
+        if mode == "replicated":  # whole tensors, and at most two cut ones (flattened slices)
+            ps = self._params
+            ts = [ps[j] if whole else ps[j].reshape(-1)[a:b] for j, a, b, whole in self._pieces]
+            gs = [ps[j].grad for j, _, _, _ in self._pieces]
+            gs = [g if g is None or whole else _dense(g).reshape(-1)[a:b]
+                  for g, (_, a, b, whole) in zip(gs, self._pieces)]
+            return ts, gs
         ts = [D.local_slice(n, p, self.layout)[0] for n, p in self._named]
         gs = [D.local_slice(n, p.grad, self.layout)[0] for n, p in self._named]
         return ts, gs
 
     def _make_state(self, flat_max: int):
-        parts = [D.local_slice(n, p, self.layout) for n, p in self._named]
-        layout = [(n, off, t.numel()) for (n, _), (t, off) in zip(self._named, parts)]
+        mode, flat_ok = self.layout.mode, all(p.is_floating_point() for p in self._params)
+        whole = [(n, p.dtype, tuple(p.shape)) for n, p in self._named if self._keep(n)]
+        if mode != "sharded" and len(whole) == len(self._named) and flat_ok \
+                and all(p.dtype == torch.float32 for p in self._params) \
+                and len({p.device for p in self._params}) <= 1 and sum(p.numel() for p in self._params) <= flat_max:
+            # single: row 0 of the buffer is the file's data; DDP: a copy on the snapshot's step
+            self._snap_head = safetensors_header(whole)
+        if mode == "replicated":
+            sizes = [p.numel() for p in self._params]
+            self._pieces = [(j, a, b, a == 0 and b == sizes[j])
+                            for j, a, b in D.measured_part(sizes, self.layout.rank, self.layout.world)]
+            if not self._pieces:
+                return None
+            names = [self._named[j][0] for j, _, _, _ in self._pieces]
+            parts = list(zip(self._local()[0], [a for _, a, _, _ in self._pieces]))
+        else:
+            names = [n for n, _ in self._named]
+            parts = [D.local_slice(n, p, self.layout) for n, p in self._named]
+        layout = [(n, off, t.numel()) for n, (t, off) in zip(names, parts)]
         devices = {t.device for t, _ in parts}
         device = next(iter(devices)) if devices else torch.device("cpu")
-        if (len(devices) <= 1 and sum(m for _, _, m in layout) <= flat_max
-                and all(p.is_floating_point() for p in self._params)):
-            # FSDP2: every rank processes each step at once (the processing is a collective)
-            batch = 1 if self.layout.mode == "sharded" else batch_rows(sum(m for _, _, m in layout))
-            state = FlatState([t.shape for t, _ in parts], device, layout, self._sketcher, batch)
-            whole = [(n, p.dtype, tuple(p.shape)) for n, p in self._named if self._keep(n)]
-            if self.layout.mode != "sharded" and len(whole) == len(self._named) \
-                    and all(p.dtype == torch.float32 for p in self._params):
-                self._snap_head = safetensors_header(whole)  # row 0 of the buffer is the file's data
-            return state
+        if len(devices) <= 1 and sum(m for _, _, m in layout) <= flat_max and flat_ok:
+            return FlatState([t.shape for t, _ in parts], device, layout, self._sketcher,
+                             batch_rows(sum(m for _, _, m in layout)))
         return TensorState([t for t, _ in parts], layout, self._sketcher, device)
 
     @property
@@ -206,7 +226,7 @@ class Recorder:
             self._process()  # an earlier step's parameters may have diverged first
             self._diverge(self._step, f"loss is {loss_value}", {"loss": loss_value})
         self._record(self._step, loss_value, optimizer, extra, checkpoint_extra=checkpoint_extra)
-        if self.run is not None and self.run.commit_due(self.commit_every_s):
+        if self._reduction is None and self.run is not None and self.run.commit_due(self.commit_every_s):
             self._process()
             self.run.commit()
         return self._step
@@ -250,10 +270,12 @@ class Recorder:
     def _diverge(self, step: int, reason: str, values: dict[str, float]) -> None:
         """Mark the run diverged at ``step`` (after recording the steps before it that are still
         pending, which may show an earlier divergence) and raise DivergedError."""
-        if self._pending:  # (a prefix of the pushed steps: the state processes them in order)
+        if self._reduction is not None:  # every rank stops here: the steps after it are dropped
+            self._reduction.clear()
+        elif self._pending:  # (a prefix of the pushed steps: the state processes them in order)
             self._pending = [r for r in self._pending if r.step <= step]
             self._process()
-        self._pending, self._late = [], None
+        self._pending, self._waiting, self._parts, self._late = [], [], [], None
         if self.run is not None:
             self._unhook()
             if step < self._step:  # rank 0 went on recording until it (or every rank) knew
@@ -265,24 +287,32 @@ class Recorder:
         raise DivergedError(f"run {run_id} diverged at step {step}: {reason}", step)
 
     def _settle(self, flush: bool = False) -> None:
-        """Finish the loss reduction in flight (DDP; with ``flush`` also that of the queued steps):
-        log the losses, or stop every rank at the first step that diverged."""
-        done = self._reduction.finish(flush, self._flags) if self._reduction is not None else []
-        for step, loss, flagged in done:
-            if loss is not None and not math.isfinite(loss):
-                self._diverge(step, f"loss is {loss}", {"loss": loss})
-            if flagged:
-                self._diverge(step, "parameters are not finite", {} if loss is None else {"loss": loss})
-            if loss is not None and self.run is not None and self.scalars(step):
-                self.run.log_scalars(step, {"loss": loss})
+        """Finish the reduction in flight (distributed; with ``flush`` also that of the queued
+        steps): rank 0 writes the steps' rows, every rank stops at the first step that diverged."""
+        if self._reduction is None:
+            return
+        parts = None
+        if flush and self._parts:
+            parts = self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)
+            self._parts = []
+        steps, losses, sums = self._reduction.finish(flush, parts)
+        if not steps:
+            return
+        rows, self._waiting = self._waiting[:len(steps)], self._waiting[len(steps):]
+        sketch = sums[:, 4:] if self._sketcher is not None else None
+        self._write(rows, losses, sums[:, 1:4], sketch, (sums[:, 0] > 0).tolist())
+
+    def _start(self) -> None:
+        """Start the reduction of the queued steps (all of them processed here first)."""
+        self._process()
+        parts, self._parts = self._parts, []
+        self._reduction.start(parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def _record(self, step: int, loss: float | None, optimizer, extra: dict, first: bool = False,
                 checkpoint_extra: dict | None = None) -> None:
         """Push the step into the state, write its snapshots; the norms, sketch and scalar rows
         follow at :meth:`_process` (at once for :class:`TensorState` and under FSDP2)."""
         run, state = self.run, self._state
-        if self._reduction is not None:
-            self._settle()  # the reduction started at the step before: log its losses or stop
         plan = self._plan(step)  # (scalars, sketch, snapshots, grads, buffers, optimizer state, checkpoints)
         lrs = None
         if plan[0] and run is not None:
@@ -296,29 +326,36 @@ class Recorder:
         grad_was = torch.is_grad_enabled()
         torch._C._set_grad_enabled(False)
         try:
+            has_grad = False
             if state is not None:
                 if state.full:
                     self._process()
-                if self.layout.mode == "sharded":
-                    ts, gs = self._local()
-                else:
+                if self._reduction is None:
                     ts = self._params
                     gs = [p.grad for p in ts]
-                row, has_grad = state.push(ts, gs, first)
-                snapshot = plan[2] and self._snap_head is not None and run is not None
-                self._pending.append(_Pending(step, loss, lrs, extra, has_grad, first,
-                                              plan[1] and self._sketcher is not None, snapshot))
-                if snapshot:
-                    plan = plan[:2] + (False,) + plan[3:]
+                else:
+                    ts, gs = self._local()
+                has_grad = state.push(ts, gs, first)[1]
+            snapshot = plan[2] and self._snap_head is not None and run is not None
+            if snapshot and self._reduction is not None:  # DDP: rank 0 holds every parameter
+                theta = torch.cat([p.reshape(-1) for p in self._params])
+                run.write_snapshot(step, [self._snap_head, theta.numpy()], "params", copy=False)
+            self._pending.append(_Pending(step, loss, lrs, extra, has_grad, first,
+                                          plan[1] and self._sketcher is not None,
+                                          snapshot and self._reduction is None))
+            if snapshot:
+                plan = plan[:2] + (False,) + plan[3:]
             if True in plan[2:]:
                 self._snapshots(step, optimizer, first, checkpoint_extra, plan[2:])
             if state is not None and state.batch == 1:  # TensorState sketches the live tensors
                 self._process()
             if self._reduction is not None:
                 self._reduction.add(step, loss)
-                if self._reduction.due:
-                    self._process()  # rank 0: the verdicts on the parameters of the queued steps
-                    self._reduction.start(self._flags)
+                if self._reduction.due:  # in one step: rank 0 writes a batch, the others measure
+                    self._settle()  # the one before (stops every rank at a divergence)
+                    self._start()
+                    if run is not None and run.commit_due(self.commit_every_s):
+                        run.commit()
         finally:
             torch._C._set_grad_enabled(grad_was)
 
@@ -329,7 +366,7 @@ class Recorder:
     def _hand_over(self) -> None:
         """The run is being flushed (a commit, a close, a read) by someone else: record the
         pending steps into it. A divergence found here is raised at the next step or close."""
-        if self._pending and not self._in_hook and self.layout.mode != "sharded" and self.run.writable:
+        if self._pending and not self._in_hook and self.run.writable:
             self._in_hook = True
             try:
                 self._process()
@@ -350,27 +387,37 @@ class Recorder:
             pass
 
     def _process_rows(self) -> None:
-        """Norms, sketches and scalar rows of the pushed steps, in step order; a non-finite loss
-        (FSDP2: averaged over ranks) or parameter vector marks the run diverged at its step. Under
-        DDP rank 0 keeps each step's verdict on its parameters for the loss reduction instead."""
+        """Norms and sketches of the pushed steps, in step order; in a single process also their
+        snapshots and scalar rows (see :meth:`_write`). Distributed, this rank's values of them
+        wait for the reduction (:meth:`_settle`)."""
         rows, self._pending = self._pending, []
         if not rows:
             return
-        mode, run = self.layout.mode, self.run
-        want_sketch = any(r.sketch for r in rows)
-        sq, sk = self._state.process(want_sketch)
+        width = 4 + (self._sketcher.k if self._sketcher is not None else 0)
+        if self._state is None:  # the DDP writer measures nothing: its part is empty
+            self._parts.append(torch.zeros(len(rows), width, device=self.layout.device))
+            self._waiting.extend(rows)
+            return
+        sq, sk = self._state.process(any(r.sketch for r in rows))
+        if self._reduction is not None:  # [had a gradient, 3 squared norms, sketch] of this part
+            cols = [torch.tensor([[float(r.has_grad)] for r in rows], device=sq.device), sq]
+            if self._sketcher is not None:
+                cols.append(sk if sk is not None else sq.new_zeros(len(rows), self._sketcher.k))
+            self._parts.append(torch.cat(cols, dim=1))
+            self._waiting.extend(rows)
+            return
         snaps = [i for i, r in enumerate(rows) if r.snapshot]
         if snaps:  # the rows' bytes are the files' data: one copy of them all, no copy per file
             for i, theta in zip(snaps, self._state.thetas(snaps).numpy()):
-                run.write_snapshot(rows[i].step, [self._snap_head, theta], "params", copy=False)
-        losses = [r.loss for r in rows]
-        if mode == "sharded":  # [loss, squared norms, sketch] of the local shards, summed over ranks
-            head = torch.tensor([[0.0 if x is None else x] for x in losses], device=sq.device)
-            vec = self.layout.all_reduce_(torch.cat([head, sq] + ([sk] if sk is not None else []), dim=1))
-            host = vec[:, :4].tolist()
-            losses = [None if x is None else h[0] / self.layout.world for x, h in zip(losses, host)]
-            sq = vec[:, 1:4]
-            sk = vec[:, 4:] if sk is not None else None
+                self.run.write_snapshot(rows[i].step, [self._snap_head, theta], "params", copy=False)
+        self._write(rows, [r.loss for r in rows], sq, sk, [r.has_grad for r in rows])
+
+    def _write(self, rows: list[_Pending], losses: list[float | None], sq: torch.Tensor,
+               sk: torch.Tensor | None, has_grad: list[bool]) -> None:
+        """The scalar rows and sketches of ``rows`` (rank 0), from their losses, (n, 3) squared
+        norms and (n, k) sketches (summed over ranks when distributed); a non-finite loss or
+        parameter vector marks the run diverged at its step, after writing the steps before."""
+        run = self.run
         # float64 square roots of the float32 squares (as math.sqrt of each; NaN stays NaN)
         norms_host = sq.double().sqrt_().tolist()
         sketch_steps, sketch_rows, scalar_rows = [], [], []
@@ -381,24 +428,22 @@ class Recorder:
                 run.log_scalar_rows(scalar_rows)
                 scalar_rows.clear()
 
-        for i, (r, loss, (param_norm, grad_norm, update_norm)) in enumerate(zip(rows, losses, norms_host)):
-            if mode == "replicated":
-                self._flags[r.step] = not math.isfinite(param_norm)
-            else:
-                if loss is not None and not math.isfinite(loss):
-                    flush()
-                    self._stop_at(r.step, f"loss is {loss}", {"loss": loss})
-                if not math.isfinite(param_norm):
-                    flush()
-                    self._stop_at(r.step, "parameters are not finite", {"param_norm": param_norm})
+        for i, (r, loss, grad, (param_norm, grad_norm, update_norm)) in enumerate(
+                zip(rows, losses, has_grad, norms_host)):
+            if loss is not None and not math.isfinite(loss):
+                flush()
+                self._stop_at(r.step, f"loss is {loss}", {"loss": loss})
+            if not math.isfinite(param_norm):
+                flush()
+                self._stop_at(r.step, "parameters are not finite", {"param_norm": param_norm})
             if r.lrs is not None and run is not None:
                 # in the order of one dict of the step's values: a later row of a name replaces it
                 step = r.step
-                if loss is not None and mode != "replicated":  # DDP: the loss comes from _settle
+                if loss is not None:
                     scalar_rows.append((step, "loss", loss))
                 scalar_rows.extend([(step, name, v) for name, v in r.lrs.items()])
                 scalar_rows.append((step, "param_norm", param_norm))
-                if r.has_grad:
+                if grad:
                     scalar_rows.append((step, "grad_norm", grad_norm))
                 if not r.first:
                     scalar_rows.append((step, "update_norm", update_norm))
