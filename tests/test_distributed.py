@@ -79,20 +79,23 @@ def _wrapped(mode: str) -> nn.Module:
 
 def _record_both_ways(rank: int, mode: str, root: str) -> None:
     """Record the run of ``mode`` ("ddp" or "fsdp") with reduce_every 8 (the default: every
-    step's values are reduced at close) and 2 (three reductions: one started at step 1, 3 and 5
-    each, the one before finished as the next starts), try bad set-ups, then a NaN on rank 1
-    only; what each rank saw goes to checks-<mode>-<rank>.json."""
+    step's values are reduced at close), 2 (reductions started at steps 1, 3 and 5, the one
+    before finished as the next starts) and 3 with per-tensor state (``flat_max=0``: each step
+    processed at once, its values waiting for the reduction), try bad set-ups, then a NaN on
+    rank 1 only; what each rank saw goes to checks-<mode>-<rank>.json."""
     checks = {"layout": None, "errors": []}
-    for every in (8, 2):
+    for every in (8, 2, 3):
         model = _wrapped(mode)
         gathers = []
         full = D.full
         D.full = lambda t: gathers.append(1) or full(t)  # count the collectives that gather snapshots
         run = trajscope.Run.create(root, {"mode": mode, "every": every}, seed=0) if rank == 0 else None
         try:
-            rec = trajscope.Recorder(model, run, snapshots=trajscope.schedules.at([0, 2, 5]), reduce_every=every)
+            rec = trajscope.Recorder(model, run, snapshots=trajscope.schedules.at([0, 2, 5]), reduce_every=every,
+                                     flat_max=0 if every == 3 else 1 << 22)
             checks["layout"] = rec.layout.mode
-            checks["measured"] = 0 if rec._state is None else rec._state.numel  # elements this rank measures
+            if every == 8:  # the elements this rank measures
+                checks["measured"] = 0 if rec._state is None else rec._state.numel
             _train(model, rec, rank, WORLD)
             rec.close()
         finally:
@@ -157,7 +160,7 @@ def _find(root: Path, **config) -> trajscope.Run:
     raise AssertionError(f"no run with config {config}")
 
 
-@pytest.mark.parametrize("every", [8, 2])
+@pytest.mark.parametrize("every", [8, 2, 3])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_record_the_single_process_trajectory(mode, every, reference, spawned):
     checks = [json.loads(Path(spawned, f"checks-{mode}-{r}.json").read_text()) for r in range(WORLD)]
