@@ -1,4 +1,5 @@
-"""Small snapshots packed into one file per commit: readers, crash safety, resume, old runs."""
+"""Small snapshots packed into one file per commit: readers, crash safety, resume, old runs; and,
+with ``Run.pack_below_bytes = 0``, every snapshot a safetensors file of its own."""
 
 import os
 import sqlite3
@@ -13,6 +14,12 @@ from trajscope.errors import CorruptRunError
 from trajscope.measures.reader import read_header, read_pieces
 from trajscope.store import Run
 from trajscope.store.tensors import encode_tensors
+
+
+@pytest.fixture(autouse=True)
+def packed(monkeypatch):
+    """The default (``Run.pack_below_bytes``, 1 MiB), whatever another test set."""
+    monkeypatch.setattr(Run, "pack_below_bytes", 1 << 20)
 
 
 def _snap(step: int) -> dict[str, torch.Tensor]:
@@ -90,7 +97,7 @@ def test_a_full_pack_is_written_before_the_commit(root):
 
 def test_kill_before_the_commit_loses_only_the_uncommitted_snapshots(root):
     code = ("import os, torch\nfrom trajscope.store import Run\nfrom trajscope.store.tensors import encode_tensors\n"
-            f"r = Run.create({str(root)!r}, {{'x': 1}})\n"
+            f"r = Run.create({str(root)!r}, {{'x': 1}}); r.pack_below_bytes = 1 << 20\n"
             "for s in (1, 2):\n"
             "    r.log_scalars(s, {'loss': 1.0}); r.write_snapshot(s, encode_tensors({'w': torch.full((4,), float(s))}))\n"
             "r.commit()\n"
@@ -173,3 +180,45 @@ def test_runs_from_before_packs_still_read_and_resume(root):
     w.close("finished")
     r = Run.open(run.path)
     assert r.snapshot_steps() == [1, 2] and all(_same(r.load_snapshot(s), _snap(s)) for s in (1, 2))
+
+
+def test_without_packs_every_snapshot_is_a_safetensors_file_of_its_own(root, monkeypatch):
+    monkeypatch.setattr(Run, "pack_below_bytes", 0)
+    run = Run.create(root, {"x": 1})
+    _write_steps(run, range(3), commit=False)
+    run.close("finished")
+    assert _files(run) == [f"params-{s:09d}.safetensors" for s in range(3)]
+    for s in range(3):
+        with open(run.path / "snapshots" / f"params-{s:09d}.safetensors", "rb") as f:
+            plain = load(f.read())  # a plain safetensors file
+        assert sorted(plain) == sorted(_snap(s)) and all(torch.equal(plain[k], _snap(s)[k]) for k in plain)
+    r = Run.open(run.path)
+    assert r.snapshot_steps() == [0, 1, 2] and _same(r.load_snapshot(2), _snap(2))
+
+
+def test_a_commit_lists_the_snapshot_files_of_the_steps_it_commits(root):
+    """Without packs, files are written on the writer thread; a commit waits for those under 1 MiB, so after a
+    kill every committed step has its snapshot, and a later one is at most an unlisted file."""
+    code = ("import os, torch\nfrom trajscope.store import Run\nfrom trajscope.store.tensors import encode_tensors\n"
+            f"r = Run.create({str(root)!r}, {{'x': 1}}); r.pack_below_bytes = 0\n"
+            "for s in (1, 2):\n"
+            "    r.log_scalars(s, {'loss': 1.0}); r.write_snapshot(s, encode_tensors({'w': torch.full((4,), float(s))}))\n"
+            "r.commit()\n"
+            "r.log_scalars(3, {'loss': 1.0}); r.write_snapshot(3, encode_tensors({'w': torch.zeros(4)}))\n"
+            "os.kill(os.getpid(), 9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    (d,) = list(root.iterdir())
+    r = Run.open(d)
+    assert r.status == "crashed" and r.snapshot_steps() == [1, 2] and r.scalars()["step"].tolist() == [1, 2]
+    assert [float(r.load_snapshot(s)["w"][0]) for s in (1, 2)] == [1.0, 2.0]
+
+
+def test_truncate_after_removes_snapshot_files_still_being_written(root, monkeypatch):
+    monkeypatch.setattr(Run, "pack_below_bytes", 0)
+    run = Run.create(root, {"x": 1})
+    _write_steps(run, range(6), commit=False)  # on the writer thread, none indexed yet
+    run.truncate_after(2)
+    run.commit()
+    assert run.snapshot_steps() == [0, 1, 2]
+    assert _files(run) == [f"params-{s:09d}.safetensors" for s in range(3)]
+    run.close("finished")
