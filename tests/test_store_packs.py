@@ -95,9 +95,11 @@ def test_a_full_pack_is_written_before_the_commit(root):
     assert all(_same(Run.open(run.path).load_snapshot(s), _snap(s)) for s in range(5))
 
 
-def test_kill_before_the_commit_loses_only_the_uncommitted_snapshots(root):
+def _killed_after_a_commit(root, pack_below_bytes: int):
+    """A writer that commits steps 1 and 2 (scalar and snapshot each), records step 3 and is
+    killed: the run as it is left, opened."""
     code = ("import os, torch\nfrom trajscope.store import Run\nfrom trajscope.store.tensors import encode_tensors\n"
-            f"r = Run.create({str(root)!r}, {{'x': 1}}); r.pack_below_bytes = 1 << 20\n"
+            f"r = Run.create({str(root)!r}, {{'x': 1}}); r.pack_below_bytes = {pack_below_bytes}\n"
             "for s in (1, 2):\n"
             "    r.log_scalars(s, {'loss': 1.0}); r.write_snapshot(s, encode_tensors({'w': torch.full((4,), float(s))}))\n"
             "r.commit()\n"
@@ -108,6 +110,11 @@ def test_kill_before_the_commit_loses_only_the_uncommitted_snapshots(root):
     r = Run.open(d)
     assert r.status == "crashed" and r.snapshot_steps() == [1, 2] and r.scalars()["step"].tolist() == [1, 2]
     assert [float(r.load_snapshot(s)["w"][0]) for s in (1, 2)] == [1.0, 2.0]
+    return d
+
+
+def test_kill_before_the_commit_loses_only_the_uncommitted_snapshots(root):
+    d = _killed_after_a_commit(root, 1 << 20)
     assert [p.name for p in (d / "snapshots").iterdir()] == ["pack-000000001-000000002.safetensors-pack"]
 
 
@@ -197,20 +204,10 @@ def test_without_packs_every_snapshot_is_a_safetensors_file_of_its_own(root, mon
 
 
 def test_a_commit_lists_the_snapshot_files_of_the_steps_it_commits(root):
-    """Without packs, files are written on the writer thread; a commit waits for those under 1 MiB, so after a
-    kill every committed step has its snapshot, and a later one is at most an unlisted file."""
-    code = ("import os, torch\nfrom trajscope.store import Run\nfrom trajscope.store.tensors import encode_tensors\n"
-            f"r = Run.create({str(root)!r}, {{'x': 1}}); r.pack_below_bytes = 0\n"
-            "for s in (1, 2):\n"
-            "    r.log_scalars(s, {'loss': 1.0}); r.write_snapshot(s, encode_tensors({'w': torch.full((4,), float(s))}))\n"
-            "r.commit()\n"
-            "r.log_scalars(3, {'loss': 1.0}); r.write_snapshot(3, encode_tensors({'w': torch.zeros(4)}))\n"
-            "os.kill(os.getpid(), 9)\n")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
-    (d,) = list(root.iterdir())
-    r = Run.open(d)
-    assert r.status == "crashed" and r.snapshot_steps() == [1, 2] and r.scalars()["step"].tolist() == [1, 2]
-    assert [float(r.load_snapshot(s)["w"][0]) for s in (1, 2)] == [1.0, 2.0]
+    """Without packs, files are written on the writer thread; a commit waits for those under
+    1 MiB, so after a kill every committed step has its snapshot (a later one is at most an
+    unlisted file)."""
+    _killed_after_a_commit(root, 0)
 
 
 def test_truncate_after_removes_snapshot_files_still_being_written(root, monkeypatch):
