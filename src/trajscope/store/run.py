@@ -495,8 +495,8 @@ class Run:
         A checkpoint is SQLite's own operation: a process killed during one loses nothing."""
         if self._ckpt_future is not None and not self._ckpt_future.done():
             return
-        if self._ckpt_future is not None:
-            self._ckpt_future.result()  # an error of the last one surfaces here
+        # A fold that failed (e.g. a full disk) changed nothing stored: the next one, or the one at
+        # close, folds what it left, and an error there is raised by close.
         if self._ckpt_pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
