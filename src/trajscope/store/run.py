@@ -239,7 +239,6 @@ class Run:
             self._stop_checkpoints()
             # Fold the WAL into the database so the directory is one file again.
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._stop_checkpoints()
         self._con.close()
         self._con = None
         if self._lock is not None:
