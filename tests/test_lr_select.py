@@ -202,16 +202,14 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
     assert sel.choose.steps == curv["warmup_steps"] + loser_steps
     race_hvps = sum(c["hvps"] for c in sel.evidence["candidates"])
     assert race_hvps > 0 and sel.choose.hvps == curv["hvps"] + race_hvps
-    # each candidate's rung evaluations: the averaged iterate on 512 training examples (a multiple of
-    # the batch size) and the validation set, forward only, a third of a step per batch of examples
-    from trajscope import workloads
-
-    n_val = len(workloads.get("digits-mlp").make_data(cfg.seed, cfg.workload_options).x_val)
-    assert all(c["forward_examples"] == 512 + n_val for c in sel.evidence["candidates"])
-    assert sel.choose.forward_examples == 3 * (512 + n_val)
-    assert sel.total_step_equivalents == pytest.approx(
-        sel.choose.steps + (2 * sel.choose.hvps * sel.choose.hvp_examples + 3 * (512 + n_val) / 3) / cfg.batch_size
-        + 60)
+    # each candidate's rung evaluation: the averaged iterate on 512 training examples (a multiple of
+    # the batch size), forward only, a third of a step per batch of examples; no validation pass
+    assert all(c["forward_examples"] == 512 and c["val_loss"] is None for c in sel.evidence["candidates"])
+    assert sel.choose.forward_examples == 3 * 512
+    # by hand: 5 warm-up steps + 2 losers x 12 steps, 2 x HVPs x 64 examples / 64, 3 x 512 / (3 x 64) = 8
+    assert sel.choose.steps == 5 + 24 and sel.choose.hvp_examples == 64
+    assert sel.choose.step_equivalents == pytest.approx(29 + 2 * sel.choose.hvps + 8)
+    assert sel.total_step_equivalents == pytest.approx(29 + 2 * sel.choose.hvps + 8 + 60)
     # a second call reads the candidates from the store instead of training them again
     again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
                      sharpness=True)
@@ -535,3 +533,34 @@ def test_confirm_summary_counts_pairs_and_workloads_on_the_means():
     assert s["methods"]["curvature"] == {"within_pairs": 3, "workloads_within_target": 1, "pairs": 4}
     assert s["methods"]["early-race"] == {"within_pairs": 3, "workloads_within_target": 1, "pairs": 4}
     assert s["n"] == 3 and s["best_method"] in B.TRAJSCOPE and s["workloads_within_target"] == 1
+
+
+def test_race_validation_pass_only_where_it_ranks(tmp_path):
+    """key="val_loss" evaluates the validation set at each rung and counts it; other keys do not."""
+    from trajscope import workloads
+
+    cfg = _race_cfg(40)
+    n_val = len(workloads.get("digits-mlp").make_data(cfg.seed, cfg.workload_options).x_val)
+    runs = {}
+    for key in ("avg_loss", "val_loss"):
+        runs[key] = select_lr(cfg, "early-race", root=tmp_path / key, progress=False, race_fraction=0.25, warmup=5,
+                              candidates=2, key=key, train=False)
+    plain, val = runs["avg_loss"], runs["val_loss"]
+    assert all(c["val_loss"] is None and c["val_metric"] is None for c in plain.evidence["candidates"])
+    assert all(math.isfinite(c["val_loss"]) and 0 <= c["val_metric"] <= 1 for c in val.evidence["candidates"])
+    # the same trajectories (the validation pass is eval mode, no grad): the same training losses
+    assert [c["loss"] for c in plain.evidence["candidates"]] == [c["loss"] for c in val.evidence["candidates"]]
+    assert plain.choose.forward_examples == 2 * 512 and val.choose.forward_examples == 2 * (512 + n_val)
+    assert val.choose.step_equivalents - plain.choose.step_equivalents == pytest.approx(2 * n_val / (3 * 64))
+
+
+def test_race_rule_without_a_validation_pass():
+    """Candidates without val_loss are ranked on the training evidence; a non-finite one is out."""
+    cands = [{"lr": 0.1, "first_loss": 2.3, "loss": 1.0, "avg_loss": 0.9, "val_loss": None},
+             {"lr": 0.2, "first_loss": 2.3, "loss": 1.0, "avg_loss": 0.8, "val_loss": None},
+             {"lr": 0.4, "first_loss": 2.3, "loss": float("nan"), "avg_loss": 0.5, "val_loss": None}]
+    d = race_decision(cands, keep=2)
+    assert d["keep"] == [1, 0] and d["verdicts"][2] == "out: diverged"
+    # a measured non-finite validation loss still counts as diverged
+    d = race_decision([{**cands[0], "val_loss": float("inf")}, cands[1]])
+    assert d["winner"] == 1 and d["verdicts"][0] == "out: diverged"

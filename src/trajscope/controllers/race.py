@@ -16,7 +16,8 @@ Evidence at a rung at step k (theta the parameters, all trainable ones, flattene
   on the first ``avg_examples`` training examples (default 512, a multiple of the batch size), in
   train mode on batch-size chunks (normalization on each chunk's statistics, no buffer or random
   state touched: :func:`subset_loss`); ``forward_examples`` the examples this rung's evaluations
-  passed forward (the average's and the validation set), counted as choosing compute;
+  passed forward (the average's, plus the validation set where ``validate``), counted as choosing
+  compute;
 - ``loss``: the rung's training loss, the mean of the mini-batch losses (each the batch mean,
   before its update, in train mode) of the last quarter of steps 1..k; ``first_loss`` the loss of
   step 1 (the same batch for every candidate);
@@ -31,12 +32,17 @@ Evidence at a rung at step k (theta the parameters, all trainable ones, flattene
 - ``distance``: |theta_k - theta_0| / |theta_0|, the relative distance from init;
 - ``update_mds``: directional exploration, the mean off-diagonal cosine between the displacements
   of ``chunks`` equal windows of steps 0..k (1: a straight path; lower: more exploration);
-- ``val_loss``, ``val_metric``: validation loss (mean) and accuracy at step k (eval mode);
+- ``val_loss``, ``val_metric``: validation loss (mean) and accuracy at step k (eval mode), only
+  with ``validate=True`` (None otherwise): the averaged iterate ranks the candidates and the
+  training losses guard them, so the validation pass decides nothing unless ``key="val_loss"``; it
+  was made at every rung up to here and cost 0.02-0.16 budgets per race (mnist5k-cnn: 1,000
+  validation examples at 9 candidate-rungs, 47 of its 193 choosing step-equivalents);
 - ``wall_s``: the seconds this candidate has trained up to the rung, over all its resumes (so that a
   race read back from the store reports the seconds its runs took when they were trained).
 
 :func:`race_decision` (the rule at every rung): a candidate is out if it diverged (a non-finite
-loss), made no progress (``loss >= first_loss``), or, where measured, its stability ratio exceeds
+loss; the training loss, the ranking key and, where measured, the validation loss), made no
+progress (``loss >= first_loss``), or, where measured, its stability ratio exceeds
 ``ratio_max`` (2: still unstable after the early transient). The others are ranked by ``avg_loss``
 (lowest first; an exact tie goes to the larger rate); the first ``keep`` go on. ``key="loss"``
 ranks by the last iterates' training loss instead, with ties within ``tol`` (relative, default 2%)
@@ -181,19 +187,21 @@ class RaceController(Controller):
 
     ``rungs``: the decision steps (``at``, a single rung, is kept for one-rung races); ``examples``:
     training examples for the sharpness; ``sharpness_at``: the rungs where it is measured (default:
-    the last); ``chunks``: windows of the exploration measure."""
+    the last); ``chunks``: windows of the exploration measure; ``validate``: also evaluate the
+    validation set at each rung (``val_loss``, ``val_metric``; needed for ``key="val_loss"``)."""
 
     default_name = "race"
     needs = frozenset({"data", "loss_fn", "optimizer"})
 
     def __init__(self, name: str | None = None, at: int = 50, rungs: Sequence[int] | None = None,
                  examples: int = 128, chunks: int = 8, stop: bool = True,
-                 sharpness_at: Sequence[int] | None = None, avg_examples: int = 512):
+                 sharpness_at: Sequence[int] | None = None, avg_examples: int = 512, validate: bool = False):
         super().__init__(name)
         rungs = sorted({int(r) for r in (rungs if rungs else (at,))})
         if rungs[0] < 2 or chunks < 2:
             raise UsageError(f"race needs rungs >= 2 and chunks >= 2, got rungs={rungs}, chunks={chunks}")
         self.examples, self.chunks, self.stop, self.avg_examples = examples, chunks, stop, avg_examples
+        self.validate = bool(validate)
         self._sums: dict[int, list] = {}  # rung -> [sum of theta over its last quarter so far, count]
         self.sharpness_at = set(rungs[-1:] if sharpness_at is None else (int(r) for r in sharpness_at))
         self.state = RaceState(rungs=rungs)
@@ -283,20 +291,25 @@ class RaceController(Controller):
             n_avg = max(bs, min(self.avg_examples, n) // bs * bs)
             avg_loss = subset_loss(ctx.model, ctx.loss_fn, ctx.data.x_train[:n_avg], ctx.data.y_train[:n_avg], bs,
                                    total / count)
-        was = ctx.model.training
-        ctx.model.eval()
-        with torch.no_grad():
-            logits = ctx.model(ctx.data.x_val)
-        ctx.model.train(was)
+        val_loss = val_metric = None
+        n_val = 0
+        if self.validate:
+            was = ctx.model.training
+            ctx.model.eval()
+            with torch.no_grad():
+                logits = ctx.model(ctx.data.x_val)
+            ctx.model.train(was)
+            val_loss = float(ctx.workload.loss_fn(logits, ctx.data.y_val))
+            val_metric = float(ctx.workload.metric_fn(logits, ctx.data.y_val))
+            n_val = len(ctx.data.x_val)
         return {"step": ctx.step, "lr": float(ctx.optimizer.param_groups[0]["lr"]),
                 "loss": recent_loss(self.state.losses), "first_loss": self.state.losses[0], "avg_loss": avg_loss,
                 "loss_slope": loss_slope(self.state.losses), "sharpness": lam, "stability_ratio": ratio,
                 "hvps": hvps, "hvp_examples": n_ex, "wall_s": self.state.wall_s,
-                "forward_examples": n_avg + len(ctx.data.x_val),
+                "forward_examples": n_avg + n_val,
                 "distance": float((theta - theta0).norm() / theta0.norm().clamp_min(1e-12)),
                 "update_mds": mean_cosine(disp) if len(disp) >= 2 else None,
-                "val_loss": float(ctx.workload.loss_fn(logits, ctx.data.y_val)),
-                "val_metric": float(ctx.workload.metric_fn(logits, ctx.data.y_val))}
+                "val_loss": val_loss, "val_metric": val_metric}
 
 
 KEYS = {"avg_loss": "averaged-iterate loss", "loss": "training loss", "val_loss": "validation loss"}
@@ -319,12 +332,16 @@ def race_decision(candidates: Sequence[dict[str, Any]], tol: float | None = None
     candidate diverged: UsageError."""
     if keep < 1 or key not in KEYS:
         raise UsageError(f"a race rung needs keep >= 1 and key one of {', '.join(KEYS)}, got keep={keep}, key={key!r}")
-    checked = ("loss", "val_loss", key)
     tol = TIES[key] if tol is None else tol
+
+    def finite(c) -> bool:  # the training loss and the key; the validation loss where measured
+        return all(math.isfinite(_num(c.get(k))) for k in {"loss", key}) and \
+            (c.get("val_loss") is None or math.isfinite(c["val_loss"]))
+
     verdicts = []
     alive = []
     for i, c in enumerate(candidates):
-        if c.get("diverged") or not all(math.isfinite(_num(c.get(k))) for k in checked):
+        if c.get("diverged") or not finite(c):
             verdicts.append("out: diverged")
         elif c.get("first_loss") is not None and c["loss"] >= c["first_loss"]:
             verdicts.append(f"out: no progress (training loss {c['loss']:.4g} >= {c['first_loss']:.4g} at step 1)")
@@ -335,8 +352,7 @@ def race_decision(candidates: Sequence[dict[str, Any]], tol: float | None = None
             alive.append(i)
     fallback = not alive
     if fallback:  # nothing passed the guards: rank the finite ones
-        alive = [i for i, c in enumerate(candidates) if not c.get("diverged")
-                 and all(math.isfinite(_num(c.get(k))) for k in checked)]
+        alive = [i for i, c in enumerate(candidates) if not c.get("diverged") and finite(c)]
         if not alive:
             raise UsageError("every candidate rate diverged in the race; give smaller rates")
     best = min(candidates[i][key] for i in alive)
