@@ -163,6 +163,7 @@ def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pref
                   "started_at": meta.get("started_at"), "ended_at": meta.get("ended_at"),
                   "scalars": r.scalar_names(), "snapshots": {k: len(r.snapshot_steps(k)) for k in r.snapshot_kinds()},
                   "sketches": len(r.sketches()[0]), "database": str(r.path / "run.db")})
+        s["decisions"], last = _decisions(r.events())
     finally:
         r.close()
     if as_json:
@@ -171,7 +172,28 @@ def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pref
     _print_summary(s)
     typer.echo(f"  scalars: {', '.join(s['scalars'])}")
     typer.echo(f"  snapshots: {s['snapshots'] or 'none'}; sketches: {s['sketches']}")
+    if s["decisions"]:
+        typer.echo("  decisions: " + ", ".join(f"{k} {n}" for k, n in s["decisions"].items()))
+        for name, step, message, reason in last:
+            typer.echo(f"    last {name}, step {step}: {message}" + (f" ({reason})" if reason else ""))
     typer.echo(f"  versions: {s['versions']}")
+
+
+def _decisions(events) -> tuple[dict[str, int], list[tuple[str, Any, str, Any]]]:
+    """Controller decisions in a run's events: the count per controller, and each one's last
+    (controller, step, message, reason)."""
+    counts: dict[str, int] = {}
+    last: dict[str, tuple[str, Any, str, Any]] = {}
+    for row in events[events["kind"] == "controller"].itertuples():
+        try:
+            data = json.loads(row.data) if isinstance(row.data, str) else {}
+        except ValueError:
+            data = {}
+        name = str(data.get("controller") or "controller")
+        counts[name] = counts.get(name, 0) + 1
+        step = None if row.step != row.step else int(row.step)  # NaN: a decision outside a step
+        last[name] = (name, step, row.message, data.get("reason"))
+    return counts, list(last.values())
 
 
 @app.command()
