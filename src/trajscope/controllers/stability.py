@@ -56,6 +56,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from trajscope.controllers.base import Controller, register
 from trajscope.controllers.regime import RegimeGate
 from trajscope.errors import UsageError
@@ -67,8 +69,8 @@ class StabilityState:
     """``multiplier``: the factor on the schedule's lr; the last measured ``ratio`` and
     ``lambda_max``; ``changes``: decisions that changed the multiplier; ``refusals``: changes
     refused in the chaotic regime; ``reference``: the sharpness when a raise was first asked for;
-    ``holds``: raises held (the sharpness under ``follow * reference``, or the training loss not
-    falling); ``window_loss``: the mean training loss between the last two measurements, ``best_loss``
+    ``holds``: raises held (the schedule annealing, the sharpness under ``follow * reference``, or
+    the training loss not at a new low); ``window_loss``: the mean training loss between the last two measurements, ``best_loss``
     the lowest of the earlier ones;
     ``schedule_peak``: the highest lr the schedule has set (first param group)."""
 
@@ -135,10 +137,11 @@ class StabilityController(Controller):
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         self.check(ctx)
-        if self.loss_guard and ctx.loss is not None:
-            value = float(ctx.loss.detach())
-            if math.isfinite(value):
-                self._loss_sum, self._loss_n = self._loss_sum + value, self._loss_n + 1
+        if self.loss_guard and ctx.loss is not None:  # summed on the loss's device: no sync per step
+            value = ctx.loss.detach().float()
+            finite = torch.isfinite(value)
+            self._loss_sum = torch.where(finite, value, 0.0) + self._loss_sum
+            self._loss_n = finite.to(torch.int64) + self._loss_n
         m = self.state.multiplier
         groups = ctx.optimizer.param_groups
         bases = []
@@ -177,8 +180,9 @@ class StabilityController(Controller):
         if s.window_loss is not None:
             s.best_loss = s.window_loss if s.best_loss is None else min(s.best_loss, s.window_loss)
         previous_loss = s.best_loss
-        if self._loss_n:
-            s.window_loss = self._loss_sum / self._loss_n
+        total, n = float(self._loss_sum), int(self._loss_n)
+        if n:
+            s.window_loss = total / n
         self._loss_sum, self._loss_n = 0.0, 0
         s.ratio, s.lambda_max = ratio, float(out.get("lambda_max", math.nan))
         self.log_values(ctx, {"ratio": ratio, "lambda_max": s.lambda_max, "multiplier": s.multiplier, "lr": lr})
@@ -237,7 +241,8 @@ class StabilityController(Controller):
         return None
 
     def buffers(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"regime": self.gate.state(), "window": [self._loss_sum, self._loss_n, self._held]}
+        out: dict[str, Any] = {"regime": self.gate.state(),
+                               "window": [float(self._loss_sum), int(self._loss_n), self._held]}
         if self._probe is not None:
             out["probe"] = self._probe.state_dict()
         return out
