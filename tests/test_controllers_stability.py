@@ -191,19 +191,17 @@ class _Scripted(StabilityController):
 
 def _scripted_loop(ctl, losses, lrs=None):
     """A plain loop of len(losses) steps at the base lr 0.1 (or the schedule ``lrs``) whose
-    reported losses are ``losses``; returns the multipliers in effect at each step."""
+    reported losses are ``losses``; returns the loop's hooks (their run holds the decisions)."""
     model = nn.Linear(3, 1, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hooks = LoopHooks([ctl], model, opt, loss_fn=mse)
     hooks.start()
-    out = []
     for i, value in enumerate(losses):
         if lrs is not None:
             opt.param_groups[0]["lr"] = lrs[i]
         hooks.before_optimizer_step((X, Y), torch.tensor(value))
-        out.append(ctl.state.multiplier)
         hooks.after_optimizer_step()
-    return out, hooks
+    return hooks
 
 
 def test_raise_is_held_once_the_sharpness_stops_following_the_lr():
@@ -214,7 +212,7 @@ def test_raise_is_held_once_the_sharpness_stops_following_the_lr():
         lambdas.append(4.0 / ms[-1])  # ratio = (4 / m) x (0.1 m) / 2 = 0.2
         ms.append(min(ms[-1] * 1.25, 100.0))
     ctl = _Scripted(lambdas, loss_guard=False, anneal=0)
-    got, hooks = _scripted_loop(ctl, [1.0] * 8)
+    hooks = _scripted_loop(ctl, [1.0] * 8)
     # raises while lambda >= 0.5 x 4: 4 / m >= 2 for m = 1, 1.25, 1.5625, 1.953 -> 4 raises (m = 2.44),
     # then 4 / 2.44 = 1.64 < 2: held for good
     assert ctl.state.multiplier == pytest.approx(1.25 ** 4) and ctl.state.changes == 4
@@ -232,11 +230,15 @@ def test_raise_is_held_while_the_training_loss_rises_and_lowering_never_is():
     # constant lambda 4 at eta 0.1: ratio 0.2, far below the band, asks for a raise every step
     losses = [2.0, 1.5, 1.0, 1.2, 1.4, 1.3, 0.5]
     ctl = _Scripted([4.0] * 7, anneal=0)
-    got, _ = _scripted_loop(ctl, losses)
+    _scripted_loop(ctl, losses)
     # window mean = that step's loss (every=1). Raise at step 1 (no earlier window), 2 and 3 (new lows),
     # hold at 4, 5 and 6 (1.2, 1.4, 1.3: none below the low 1.0), raise at 7 (0.5 < 1.0)
     assert ctl.state.changes == 4 and ctl.state.holds == 3 and ctl.state.window_loss == 0.5
     assert ctl.state.best_loss == 1.0 and ctl.state.multiplier == pytest.approx(1.25 ** 4)
+    # a non-finite loss makes its window no new low (held) and is not kept as the low
+    nan = _Scripted([4.0] * 3, anneal=0)
+    _scripted_loop(nan, [2.0, float("nan"), 1.0])
+    assert nan.state.changes == 2 and nan.state.holds == 1 and nan.state.best_loss == 2.0
     # above the band (lambda 40: ratio 2) the lr comes down even while the loss rises
     down = _Scripted([40.0] * 3, anneal=0)
     _scripted_loop(down, [1.0, 2.0, 3.0])
@@ -246,7 +248,7 @@ def test_raise_is_held_while_the_training_loss_rises_and_lowering_never_is():
 def test_raise_is_held_while_the_schedule_anneals():
     lrs = [0.1, 0.1, 0.08, 0.06, 0.049, 0.03]  # the user's schedule; under 0.5 x 0.1 from the fifth step
     ctl = _Scripted([4.0] * 6, loss_guard=False)
-    got, hooks = _scripted_loop(ctl, [1.0] * 6, lrs)
+    hooks = _scripted_loop(ctl, [1.0] * 6, lrs)
     assert ctl.state.schedule_peak == 0.1 and ctl.state.changes == 4 and ctl.state.holds == 2
     held = [d for d in hooks.run.decisions("stability") if d["message"].startswith("held")]
     assert len(held) == 1 and "anneals" in held[0]["message"]

@@ -182,17 +182,15 @@ def show(ref: str = typer.Argument(..., metavar="RUN", help="Run id, unique pref
 def _decisions(events) -> tuple[dict[str, int], list[tuple[str, Any, str, Any]]]:
     """Controller decisions in a run's events: the count per controller, and each one's last
     (controller, step, message, reason)."""
+    from trajscope.controllers.base import KIND
+    from trajscope.report.data import events_of
+
     counts: dict[str, int] = {}
     last: dict[str, tuple[str, Any, str, Any]] = {}
-    for row in events[events["kind"] == "controller"].itertuples():
-        try:
-            data = json.loads(row.data) if isinstance(row.data, str) else {}
-        except ValueError:
-            data = {}
-        name = str(data.get("controller") or "controller")
+    for e in events_of(events, KIND):
+        name = str(e["data"].get("controller") or KIND)
         counts[name] = counts.get(name, 0) + 1
-        step = None if row.step != row.step else int(row.step)  # NaN: a decision outside a step
-        last[name] = (name, step, row.message, data.get("reason"))
+        last[name] = (name, e["step"], e["message"], e["data"].get("reason"))
     return counts, list(last.values())
 
 

@@ -56,8 +56,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from trajscope.controllers.base import Controller, register
 from trajscope.controllers.regime import RegimeGate
 from trajscope.errors import UsageError
@@ -137,11 +135,9 @@ class StabilityController(Controller):
 
     def on_before_optimizer_step(self, ctx: StepContext) -> None:
         self.check(ctx)
-        if self.loss_guard and ctx.loss is not None:  # summed on the loss's device: no sync per step
-            value = ctx.loss.detach().float()
-            finite = torch.isfinite(value)
-            self._loss_sum = torch.where(finite, value, 0.0) + self._loss_sum
-            self._loss_n = finite.to(torch.int64) + self._loss_n
+        if self.loss_guard and ctx.loss is not None:  # one add on the loss's device: no sync per step
+            self._loss_sum = ctx.loss.detach() + self._loss_sum
+            self._loss_n += 1
         m = self.state.multiplier
         groups = ctx.optimizer.param_groups
         bases = []
@@ -177,12 +173,11 @@ class StabilityController(Controller):
         if out is None:
             return
         s, ratio, lr = self.state, float(out["stability_ratio"]), float(ctx.optimizer.param_groups[0]["lr"])
-        if s.window_loss is not None:
+        if s.window_loss is not None and math.isfinite(s.window_loss):
             s.best_loss = s.window_loss if s.best_loss is None else min(s.best_loss, s.window_loss)
         previous_loss = s.best_loss
-        total, n = float(self._loss_sum), int(self._loss_n)
-        if n:
-            s.window_loss = total / n
+        if self._loss_n:  # a non-finite loss in the window makes it non-finite: no new low, no raise
+            s.window_loss = float(self._loss_sum) / self._loss_n
         self._loss_sum, self._loss_n = 0.0, 0
         s.ratio, s.lambda_max = ratio, float(out.get("lambda_max", math.nan))
         self.log_values(ctx, {"ratio": ratio, "lambda_max": s.lambda_max, "multiplier": s.multiplier, "lr": lr})
@@ -242,7 +237,7 @@ class StabilityController(Controller):
 
     def buffers(self) -> dict[str, Any]:
         out: dict[str, Any] = {"regime": self.gate.state(),
-                               "window": [float(self._loss_sum), int(self._loss_n), self._held]}
+                               "window": [float(self._loss_sum), self._loss_n, self._held]}
         if self._probe is not None:
             out["probe"] = self._probe.state_dict()
         return out

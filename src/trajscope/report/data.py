@@ -182,17 +182,8 @@ class RunData:
         return self._results[name]
 
     def events_of(self, kind: str) -> list[dict[str, Any]]:
-        """Events of ``kind`` in order, each with ``data`` parsed from JSON (``{}`` if none)."""
-        out = []
-        for row in self.events[self.events["kind"] == kind].itertuples(index=False):
-            try:
-                data = json.loads(row.data) if isinstance(row.data, str) else {}
-            except json.JSONDecodeError:
-                data = {"raw": row.data}
-            step = None if row.step is None or pd.isna(row.step) else int(row.step)
-            out.append({"step": step, "time": row.time, "message": row.message,
-                        "data": data if isinstance(data, dict) else {"value": data}})
-        return out
+        """Events of ``kind`` in order (:func:`events_of`)."""
+        return events_of(self.events, kind)
 
     def recorded(self) -> dict[str, Any]:
         """What the run holds: scalar names and values, snapshots per kind, sketches, results."""
@@ -200,6 +191,21 @@ class RunData:
         snaps = {k: len(self.run.snapshot_steps(k)) for k in self.run.snapshot_kinds()}
         return {"scalars": int(self.scalars.shape[1]), "values": n_values, "snapshots": snaps,
                 "sketches": len(self.run.sketches()[0]), "results": len(self.run.result_names())}
+
+
+def events_of(events: pd.DataFrame, kind: str) -> list[dict[str, Any]]:
+    """The rows of ``events`` (``Run.events()``) of ``kind`` in order, each a dict with ``step``
+    (None outside a step), ``time``, ``message`` and ``data`` parsed from JSON (``{}`` if none)."""
+    out = []
+    for row in events[events["kind"] == kind].itertuples(index=False):
+        try:
+            data = json.loads(row.data) if isinstance(row.data, str) else {}
+        except json.JSONDecodeError:
+            data = {"raw": row.data}
+        step = None if row.step is None or pd.isna(row.step) else int(row.step)
+        out.append({"step": step, "time": row.time, "message": row.message,
+                    "data": data if isinstance(data, dict) else {"value": data}})
+    return out
 
 
 def label_runs(runs: list[RunData]) -> list[str]:
