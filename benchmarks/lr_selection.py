@@ -2,7 +2,7 @@
 and schedule-free AdamW, in one process, same budgets, same batches.
 
 Usage: .venv/bin/python benchmarks/lr_selection.py [--quick] [--json] [--workloads ...] [--threads 1]
-       [--root DIR] [--confirm-seeds N]
+       [--root DIR] [--confirm-seeds N] [--studies N]
 
 Per workload (budgets in BUDGETS, shortened from the workloads' defaults so that the whole run fits
 a shared 2-core machine; the workload's own schedule, batch size and target) and per optimizer
@@ -42,6 +42,17 @@ init and batch order; a run that does not finish counts as 0) and reports their 
 (``confirm``) and, in ``summary.confirm_seeds``, ``within_pairs`` and ``workloads_within_target`` of
 each method on the means (within 0.5 points of the grid rate's mean). The existing summary keys are
 computed as without the flag.
+
+``--studies N`` (opt-in, default 1) is AlgoPerf's own answer to the same noise: N independent
+studies, each the whole benchmark (grid, every method, Prodigy, schedule-free) on its own seed (study
+k: the config's seed + k, so new data draw, init, batch order, and the methods' own probes and races)
+with the grid on its own 5 points (the Halton points rotated by k x the golden ratio, mod 1); the
+score of each method is the median over studies (of the grid's best trial's final, of a method's
+final, of steps to target). Study 0 is the benchmark's own run: ``rows`` and the summary's top-level
+keys are unchanged; the other studies' rows are in ``study_rows`` and the medians in
+``summary.studies`` (``within_pairs``, ``workloads_within_target``, ``beats_lr_free``,
+``compute_ratio``, per pair in ``pairs``). Unlike ``--confirm-seeds``, which reruns seed 0's chosen
+rates, a study reruns the choosing too, so it measures the method rather than one pick.
 """
 
 from __future__ import annotations
@@ -76,9 +87,16 @@ def halton2(n: int) -> list[float]:
     return out
 
 
-def grid_rates(optimizer: str, n: int = 5) -> list[float]:
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def grid_rates(optimizer: str, n: int = 5, study: int = 0) -> list[float]:
+    """The grid's n log-uniform rates: Halton points for study 0 (the benchmark's own grid), shifted
+    by ``study`` x the golden ratio (mod 1, a Cranley-Patterson rotation) for every further study,
+    so that independent studies draw different, equally spread trial points."""
     lo, hi = GRID_RANGE[optimizer]
-    return [lo * (hi / lo) ** u for u in halton2(n)]
+    shift = (study * GOLDEN) % 1.0
+    return [lo * (hi / lo) ** ((u + shift) % 1.0) for u in halton2(n)]
 
 
 def steps_to_target(path: str, target: float) -> int | None:
@@ -115,7 +133,10 @@ def base(workload: str, optimizer: str, budget: int):
                                   steps=budget, eval_every=max(budget // 20, 1), record=RecordConfig.preset("minimal"))
 
 
-def bench_workload(workload: str, budget: int, root: str, say) -> list[dict]:
+def bench_workload(workload: str, budget: int, root: str, say, study: int = 0) -> list[dict]:
+    """Every method on one workload. ``study`` k > 0 is an independent repeat: every run on seed
+    (the config's seed + k: data draw, init, batch order, the methods' own probes) and the grid on
+    its rotated points (:func:`grid_rates`); study 0 is the benchmark's own run."""
     from trajscope import select_lr, workloads
     from trajscope.errors import TrajscopeError
     from trajscope.sweep import run_configs
@@ -124,7 +145,9 @@ def bench_workload(workload: str, budget: int, root: str, say) -> list[dict]:
     rows = []
     for opt in ("sgd", "adamw"):
         cfg = base(workload, opt, budget)
-        rates = grid_rates(opt)
+        if study:
+            cfg = cfg.model_copy(update={"seed": cfg.seed + study})
+        rates = grid_rates(opt, study=study)
         trials = run_configs([cfg.model_copy(update={"lr": lr}) for lr in rates], root=root, progress=False)
         finals = [(t.get("final") or {}).get("val_metric", -1.0) if t.get("status") == "finished" else -1.0
                   for t in trials]
@@ -157,6 +180,8 @@ def bench_workload(workload: str, budget: int, root: str, say) -> list[dict]:
             say(r)
     for name, lr, schedule in (("prodigy", 1.0, None), ("schedulefree", 0.0025, "constant")):
         cfg = base(workload, "adamw", budget).model_copy(update={"optimizer": name, "lr": lr})
+        if study:
+            cfg = cfg.model_copy(update={"seed": cfg.seed + study})
         if schedule:
             cfg = cfg.model_copy(update={"schedule": schedule, "warmup_steps": 0})
         s = run_configs([cfg], root=root, progress=False)[0]
@@ -206,6 +231,75 @@ def _oracle_beats(rows: list[dict], budgets: dict[str, int]) -> int:
         free = [r["steps_to_target"] or inf for r in rows if r["workload"] == wl and r["method"] in ("prodigy", "schedulefree")]
         n += bool(own) and min(own) < inf and all(min(own) < f for f in free)
     return n
+
+
+def median(xs: list[float]) -> float:
+    """The median (the mean of the middle two for an even count); inf counts as a value (never)."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dict:
+    """AlgoPerf's external-tuning score over independent studies: per (workload, optimizer) the median
+    over studies of the grid's best trial's final and of each method's final (a failed or unfinished
+    run counts as 0), and per workload the median over studies of steps to target (never: inf).
+    ``within_pairs`` / ``workloads_within_target`` / ``beats_lr_free`` as in the single-study summary,
+    on the medians; ``compute_ratio`` the mean over studies and pairs."""
+    inf = float("inf")
+    final = lambda r: r["final_metric"] if math.isfinite(r["final_metric"]) else 0.0  # noqa: E731
+    to_target = lambda r: inf if r["steps_to_target"] is None else r["steps_to_target"]  # noqa: E731
+
+    def pick(rows, wl, method, opt=None):
+        return [r for r in rows if r["workload"] == wl and r["method"] == method and (opt is None or r["optimizer"] == opt)]
+
+    pairs, methods = [], {m: {"within_pairs": 0, "workloads_within_target": 0, "beats_lr_free": 0} for m in TRAJSCOPE}
+    lr_free = {}
+    for wl in budgets:
+        free = lr_free[wl] = {name: median([to_target(r) for rows in studies for r in pick(rows, wl, name)])
+                              for name in ("prodigy", "schedulefree")}
+        ok = {m: [] for m in TRAJSCOPE}
+        fastest = {m: inf for m in TRAJSCOPE}
+        for opt in ("sgd", "adamw"):
+            entry = {"workload": wl, "optimizer": opt}
+            for m in ("grid",) + TRAJSCOPE:
+                got = [r for rows in studies for r in pick(rows, wl, m, opt)]
+                entry[m] = {"finals": [final(r) for r in got], "median": median([final(r) for r in got]),
+                            "lrs": [r["lr"] for r in got],
+                            "steps_to_target": median([to_target(r) for r in got])}
+            for m in TRAJSCOPE:
+                good = bool(entry[m]["median"] >= entry["grid"]["median"] - 0.005)
+                entry.setdefault("within", {})[m] = good
+                ok[m].append(good)
+                methods[m]["within_pairs"] += good
+                fastest[m] = min(fastest[m], entry[m]["steps_to_target"])
+            pairs.append(entry)
+        for m in TRAJSCOPE:
+            methods[m]["workloads_within_target"] += all(ok[m])
+            methods[m]["beats_lr_free"] += fastest[m] < inf and all(fastest[m] < f for f in free.values())
+    for m in TRAJSCOPE:
+        ratios = [r["total_steps"] / budgets[r["workload"]] for rows in studies for r in rows
+                  if r["method"] == m and math.isfinite(r["total_steps"])]
+        methods[m]["compute_ratio"] = sum(ratios) / max(len(ratios), 1)
+    best = max(TRAJSCOPE, key=lambda m: (methods[m]["workloads_within_target"], -methods[m]["compute_ratio"]))
+    return {"n": len(studies), "best_method": best, "compute_ratio": methods[best]["compute_ratio"],
+            "workloads_within_target": methods[best]["workloads_within_target"],
+            "within_pairs": methods[best]["within_pairs"], "beats_lr_free": methods[best]["beats_lr_free"],
+            "methods": methods, "pairs": pairs, "lr_free_steps_to_target": lr_free}
+
+
+def studies_table(summary: dict) -> str:
+    head = f"{'workload':<12} {'opt':<6} " + " ".join(f"{m + ' median':>18}" for m in ("grid",) + TRAJSCOPE)
+    lines = [head, "-" * len(head)]
+    for e in summary["pairs"]:
+        cells = []
+        for m in ("grid",) + TRAJSCOPE:
+            mark = "" if m == "grid" else (" *" if e["within"][m] else "  ")
+            cells.append(f"{100 * e[m]['median']:>6.2f}{mark:>2}")
+        lines.append(f"{e['workload']:<12} {e['optimizer']:<6} " + " ".join(f"{x:>18}" for x in cells))
+    return "\n".join(lines + [f"(medians over {summary['n']} studies; * within 0.5 points of the grid's median best)"])
 
 
 def within(mean: float, grid_mean: float) -> bool:
@@ -297,26 +391,38 @@ def main(argv=None) -> int:
     ap.add_argument("--confirm-seeds", type=int, default=0, metavar="N",
                     help="also rerun the grid's best rate and each trajscope method's rate on N fresh seeds "
                          "and compare their means (JSON: confirm, summary.confirm_seeds)")
+    ap.add_argument("--studies", type=int, default=1, metavar="N",
+                    help="N independent studies (AlgoPerf's external tuning: every method and the grid rerun "
+                         "on seeds + 1 .. + N-1, the grid on rotated points); medians in summary.studies")
     a = ap.parse_args(argv)
     if a.confirm_seeds < 0:
         ap.error(f"--confirm-seeds must be 0 or more, got {a.confirm_seeds}")
+    if a.studies < 1:
+        ap.error(f"--studies must be 1 or more, got {a.studies}")
     torch.set_num_threads(a.threads)
     budgets = dict(QUICK if a.quick else BUDGETS)
     if a.workloads:
         budgets = {w: (QUICK if a.quick else BUDGETS).get(w, 300) for w in a.workloads}
     log = sys.stderr if a.json else sys.stdout
-    rows: list[dict] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = a.root or tmp
-        for wl, budget in budgets.items():
-            def say(r, wl=wl):
-                r["workload"] = wl
-                print(f"  {wl} {r['method']} {r['optimizer']}: lr {r['lr']:.3g} final {r['final_metric']:.4f} "
-                      f"total {r['total_steps']:.0f} to-target {r['steps_to_target']} ({r['wall_s']:.1f} s)",
-                      file=sys.stderr, flush=True)
-            rows += bench_workload(wl, budget, root, say)
+        studies: list[list[dict]] = []
+        for k in range(a.studies):
+            study_rows: list[dict] = []
+            for wl, budget in budgets.items():
+                def say(r, wl=wl, k=k):
+                    r["workload"] = wl
+                    tag = f" (study {k})" if k else ""
+                    print(f"  {wl} {r['method']} {r['optimizer']}{tag}: lr {r['lr']:.3g} final {r['final_metric']:.4f} "
+                          f"total {r['total_steps']:.0f} to-target {r['steps_to_target']} ({r['wall_s']:.1f} s)",
+                          file=sys.stderr, flush=True)
+                study_rows += bench_workload(wl, budget, root, say, study=k)
+            studies.append(study_rows)
+        rows = studies[0]
         summary = summarize(rows, budgets)
+        if a.studies > 1:
+            summary["studies"] = summarize_studies(studies, budgets)
         confirm = []
         if a.confirm_seeds:
             def say_confirm(e):
@@ -327,9 +433,13 @@ def main(argv=None) -> int:
             summary["confirm_seeds"] = summarize_confirm(confirm, budgets, a.confirm_seeds)
     summary["wall_s"] = time.perf_counter() - t0
     result = {"budgets": budgets, "rows": rows, "summary": summary}
+    if a.studies > 1:
+        result["study_rows"] = studies[1:]
     if confirm:
         result["confirm"] = confirm
     print(table(rows), file=log)
+    if a.studies > 1:
+        print(studies_table(summary["studies"]), file=log)
     if confirm:
         print(confirm_table(confirm), file=log)
     print(json.dumps(summary, indent=1, default=str), file=log)

@@ -564,3 +564,96 @@ def test_race_rule_without_a_validation_pass():
     # a measured non-finite validation loss still counts as diverged
     d = race_decision([{**cands[0], "val_loss": float("inf")}, cands[1]])
     assert d["winner"] == 1 and d["verdicts"][0] == "out: diverged"
+
+
+# ---- the benchmark's independent studies ---------------------------------------------------------
+def test_grid_rates_rotate_per_study():
+    """Study 0 is the Halton grid; study k shifts every point's log-position by k x golden ratio mod 1."""
+    B = _bench()
+    lo, hi = B.GRID_RANGE["sgd"]
+    assert B.grid_rates("sgd") == pytest.approx([lo * (hi / lo) ** u for u in (0.5, 0.25, 0.75, 0.125, 0.625)])
+    phi = (5 ** 0.5 - 1) / 2
+    for k in (1, 2):
+        pos = [math.log(r / lo) / math.log(hi / lo) for r in B.grid_rates("sgd", study=k)]
+        want = [(u + k * phi) % 1.0 for u in (0.5, 0.25, 0.75, 0.125, 0.625)]
+        assert pos == pytest.approx(want, abs=1e-12)
+        assert all(lo <= r < hi for r in B.grid_rates("sgd", study=k))
+
+
+def test_median_counts_never_as_infinite():
+    B = _bench()
+    inf = float("inf")
+    assert B.median([3.0, 1.0, 2.0]) == 2.0 and B.median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert B.median([inf, 100.0, 300.0]) == 300.0 and B.median([inf, inf, 300.0]) == inf
+    assert math.isnan(B.median([]))
+
+
+def test_studies_summary_takes_medians_over_studies():
+    B = _bench()
+
+    def rows(grid, curv, race, race_steps, prodigy_steps):
+        out = []
+        for opt, g, c, r in zip(("sgd", "adamw"), grid, curv, race):
+            out += [{"workload": "w", "optimizer": opt, "method": "grid", "lr": 0.1, "final_metric": g,
+                     "total_steps": 500, "steps_to_target": 50},
+                    {"workload": "w", "optimizer": opt, "method": "curvature", "lr": 0.1, "final_metric": c,
+                     "total_steps": 110, "steps_to_target": None},
+                    {"workload": "w", "optimizer": opt, "method": "early-race", "lr": 0.1, "final_metric": r,
+                     "total_steps": 140, "steps_to_target": race_steps if opt == "sgd" else None}]
+        out += [{"workload": "w", "optimizer": n, "method": n, "lr": 1.0, "final_metric": 0.5, "total_steps": 100,
+                 "steps_to_target": s} for n, s in (("prodigy", prodigy_steps), ("schedulefree", None))]
+        return out
+
+    nan = float("nan")
+    studies = [rows((0.90, 0.80), (0.90, nan), (0.89, 0.80), 60, 70),   # race 1 point under on sgd
+               rows((0.92, 0.82), (0.70, nan), (0.92, 0.81), 80, 75),   # curvature failed on adamw: 0
+               rows((0.91, 0.81), (0.91, 0.81), (0.91, 0.82), 90, None)]
+    s = B.summarize_studies(studies, {"w": 100})
+    sgd, adamw = s["pairs"]
+    assert sgd["grid"]["median"] == 0.91 and sgd["early-race"]["median"] == 0.91 and adamw["grid"]["median"] == 0.81
+    assert adamw["curvature"]["finals"] == [0.0, 0.0, 0.81] and adamw["curvature"]["median"] == 0.0
+    assert sgd["within"] == {"curvature": False, "early-race": True}  # curvature: median 0.90, 1 point under
+    assert adamw["within"]["early-race"] and not adamw["within"]["curvature"]
+    race = s["methods"]["early-race"]
+    assert race["within_pairs"] == 2 and race["workloads_within_target"] == 1
+    # steps to target: the race's median 80 (sgd), Prodigy's median of (70, 75, never) 75, schedule-free never
+    assert sgd["early-race"]["steps_to_target"] == 80 and adamw["early-race"]["steps_to_target"] == float("inf")
+    assert s["lr_free_steps_to_target"] == {"w": {"prodigy": 75, "schedulefree": float("inf")}}
+    assert race["beats_lr_free"] == 0 and s["methods"]["curvature"]["beats_lr_free"] == 0
+    faster = [[{**r, "steps_to_target": 100} if r["method"] == "prodigy" else r for r in rows] for rows in studies]
+    assert B.summarize_studies(faster, {"w": 100})["methods"]["early-race"]["beats_lr_free"] == 1  # 80 < 100
+    assert race["compute_ratio"] == pytest.approx(1.4) and s["methods"]["curvature"]["compute_ratio"] == pytest.approx(1.1)
+    assert s["best_method"] == "early-race" and s["n"] == 3 and s["workloads_within_target"] == 1
+
+
+def test_bench_workload_study_reseeds_every_run(monkeypatch):
+    """A study k > 0 trains every run (grid, methods, Prodigy, schedule-free) on the config's seed + k,
+    the grid on its rotated rates; study 0 on the config's own seed and the Halton rates."""
+    import trajscope
+    import trajscope.sweep
+
+    B = _bench()
+    seen = []
+
+    def fake_runs(configs, **kw):
+        seen.extend((c.seed, c.optimizer, c.lr) for c in configs)
+        return [{"status": "finished", "final": {"val_metric": 0.5}, "steps": c.steps} for c in configs]
+
+    class Sel:
+        lr, reason, run, total_wall_s = 0.1, "r", {"status": "finished", "final": {"val_metric": 0.5}, "steps": 10}, 0.0
+
+        class choose:
+            step_equivalents, wall_s = 1.0, 0.0
+
+    def fake_select(cfg, method, **kw):
+        seen.append((cfg.seed, method, None))
+        return Sel
+
+    monkeypatch.setattr(trajscope.sweep, "run_configs", fake_runs)
+    monkeypatch.setattr(trajscope, "select_lr", fake_select)
+    for k in (0, 2):
+        seen.clear()
+        B.bench_workload("digits-mlp", 10, "unused", lambda r: None, study=k)
+        assert {s for s, _, _ in seen} == {k}
+        assert [lr for s, o, lr in seen if o == "sgd"] == B.grid_rates("sgd", study=k)
+        assert {o for _, o, _ in seen} >= {"prodigy", "schedulefree", "early-race", "curvature", "range-test"}
