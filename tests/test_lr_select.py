@@ -441,6 +441,17 @@ def test_lr_free_optimizers_train_and_resume_identically(tmp_path, optimizer, lr
         a.close(), b.close()
 
 
+def test_prodigy_keeps_stdout_clean(capsys):
+    """Prodigy prints a note when its weight decay is decoupled; a --json command's stdout must stay
+    one JSON object, so the note goes to stderr."""
+    from trajscope.train.optim import make_optimizer
+
+    cfg = RunConfig.for_workload("digits-mlp", optimizer="prodigy", lr=1.0, weight_decay=0.01)
+    opt = make_optimizer(nn.Linear(3, 2), cfg)
+    out, err = capsys.readouterr()
+    assert type(opt).__name__ == "Prodigy" and out == "" and "decoupled" in err
+
+
 class _StopAt:
     name = "stop-at"
 

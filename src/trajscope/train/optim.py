@@ -7,7 +7,9 @@ update, so a run resumed at any step uses exactly the rate the uninterrupted run
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from typing import Iterable
 
 import torch
@@ -129,7 +131,10 @@ def _lr_free(params, config: RunConfig) -> torch.optim.Optimizer:
         if config.optimizer == "prodigy":
             from prodigyopt import Prodigy
 
-            return Prodigy(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+            # Prodigy prints "Using decoupled weight decay" to stdout, which would break a --json
+            # command's one-object output: the note goes to stderr instead
+            with contextlib.redirect_stdout(sys.stderr):
+                return Prodigy(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
         from schedulefree import AdamWScheduleFree
     except ImportError:
         raise UsageError(f"optimizer {config.optimizer!r} needs the optional extra: "
