@@ -246,8 +246,8 @@ def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dic
     """AlgoPerf's external-tuning score over independent studies: per (workload, optimizer) the median
     over studies of the grid's best trial's final and of each method's final (a failed or unfinished
     run counts as 0), and per workload the median over studies of steps to target (never: inf).
-    ``within_pairs`` / ``workloads_within_target`` / ``beats_lr_free`` as in the single-study summary,
-    on the medians; ``compute_ratio`` the mean over studies and pairs."""
+    ``within_pairs`` / ``workloads_within_target`` / ``beats_lr_free`` / ``grid_best_beats_lr_free``
+    as in the single-study summary, on the medians; ``compute_ratio`` the mean over studies and pairs."""
     inf = float("inf")
     final = lambda r: r["final_metric"] if math.isfinite(r["final_metric"]) else 0.0  # noqa: E731
     to_target = lambda r: inf if r["steps_to_target"] is None else r["steps_to_target"]  # noqa: E731
@@ -256,12 +256,12 @@ def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dic
         return [r for r in rows if r["workload"] == wl and r["method"] == method and (opt is None or r["optimizer"] == opt)]
 
     pairs, methods = [], {m: {"within_pairs": 0, "workloads_within_target": 0, "beats_lr_free": 0} for m in TRAJSCOPE}
-    lr_free = {}
+    lr_free, oracle = {}, 0
     for wl in budgets:
         free = lr_free[wl] = {name: median([to_target(r) for rows in studies for r in pick(rows, wl, name)])
                               for name in ("prodigy", "schedulefree")}
         ok = {m: [] for m in TRAJSCOPE}
-        fastest = {m: inf for m in TRAJSCOPE}
+        fastest = {m: inf for m in ("grid",) + TRAJSCOPE}
         for opt in ("sgd", "adamw"):
             entry = {"workload": wl, "optimizer": opt}
             for m in ("grid",) + TRAJSCOPE:
@@ -275,7 +275,9 @@ def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dic
                 ok[m].append(good)
                 methods[m]["within_pairs"] += good
                 fastest[m] = min(fastest[m], entry[m]["steps_to_target"])
+            fastest["grid"] = min(fastest["grid"], entry["grid"]["steps_to_target"])
             pairs.append(entry)
+        oracle += fastest["grid"] < inf and all(fastest["grid"] < f for f in free.values())
         for m in TRAJSCOPE:
             methods[m]["workloads_within_target"] += all(ok[m])
             methods[m]["beats_lr_free"] += fastest[m] < inf and all(fastest[m] < f for f in free.values())
@@ -287,7 +289,7 @@ def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dic
     return {"n": len(studies), "best_method": best, "compute_ratio": methods[best]["compute_ratio"],
             "workloads_within_target": methods[best]["workloads_within_target"],
             "within_pairs": methods[best]["within_pairs"], "beats_lr_free": methods[best]["beats_lr_free"],
-            "methods": methods, "pairs": pairs, "lr_free_steps_to_target": lr_free}
+            "grid_best_beats_lr_free": oracle, "methods": methods, "pairs": pairs, "lr_free_steps_to_target": lr_free}
 
 
 def studies_table(summary: dict) -> str:

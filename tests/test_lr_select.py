@@ -631,8 +631,11 @@ def test_studies_summary_takes_medians_over_studies():
     assert sgd["early-race"]["steps_to_target"] == 80 and adamw["early-race"]["steps_to_target"] == float("inf")
     assert s["lr_free_steps_to_target"] == {"w": {"prodigy": 75, "schedulefree": float("inf")}}
     assert race["beats_lr_free"] == 0 and s["methods"]["curvature"]["beats_lr_free"] == 0
+    assert s["grid_best_beats_lr_free"] == 1  # the grid's best trial's own 50 steps < 75
     faster = [[{**r, "steps_to_target": 100} if r["method"] == "prodigy" else r for r in rows] for rows in studies]
     assert B.summarize_studies(faster, {"w": 100})["methods"]["early-race"]["beats_lr_free"] == 1  # 80 < 100
+    slow_grid = [[{**r, "steps_to_target": 75} if r["method"] == "grid" else r for r in rows] for rows in studies]
+    assert B.summarize_studies(slow_grid, {"w": 100})["grid_best_beats_lr_free"] == 0  # a tie is no win
     assert race["compute_ratio"] == pytest.approx(1.4) and s["methods"]["curvature"]["compute_ratio"] == pytest.approx(1.1)
     assert s["best_method"] == "early-race" and s["n"] == 3 and s["workloads_within_target"] == 1
 
