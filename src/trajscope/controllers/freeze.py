@@ -12,7 +12,7 @@ about 22 % of a step for ``mnist1d-cnn`` on one CPU thread with the convolution 
 with the dense operators below (``benchmarks/redundancy_freeze.py``), on the CPU and torch build
 those figures were taken with; on an AMD AVX-512 CPU with torch 2.13 the whole step is twice as
 fast, the weight gradients are a smaller share of it, and the saving is 19-20 % (ResNet-20: 29 % and
-27 %); on an Intel AVX-512 CPU, 27-28 % (ResNet-20 24 %: its forward is 40 % of the step there).
+27 %); on an Intel AVX-512 CPU, 27-28 % (ResNet-20 23-24 %: its forward is 40 % of the step there).
 The saving is a ratio of kernel times, so it moves with the CPU. The optimizer step does not
 shrink with the parameter count: a torch optimizer's cost is per tensor (a few small kernel calls
 each, plus a fixed cost), so updating 6 of 11 tensors (192 of 12,202 scalars) costs about 80 % of the
