@@ -93,6 +93,20 @@ def train_step(model, opt, wl, x, y, lr: float) -> tuple[float, float, tuple[flo
     return wall, c[-1] - c[0], tuple(b - a for a, b in zip(c, c[1:]))
 
 
+def fork_full(model, opt, cfg):
+    """The full copy at the switch: the same weights, unfrozen, on the plain modules (no frozen
+    operator, no wrapper check), with a *copy* of the optimizer state. ``load_state_dict`` alone
+    would share the momentum tensors (it keeps tensors that already have the right dtype and
+    device), so both sides' in-place updates would go into one buffer; the state is deep-copied."""
+    full = copy.deepcopy(model)
+    remove_frozen_ops(full)
+    for p in full.parameters():
+        p.requires_grad_(True)
+    full_opt = make_optimizer(full, cfg)
+    full_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return full, full_opt
+
+
 def one_seed(name: str, seed: int, args, bar) -> dict:
     cfg = config_for(name, args)
     wl = workloads.get(name)
@@ -121,13 +135,7 @@ def one_seed(name: str, seed: int, args, bar) -> dict:
             K = step
             break
     switched_by = ctl.state.switch_reason if ctl.state.switched else "fallback"
-    # fork: the full copy is the same state, unfrozen, with the same optimizer state
-    full = copy.deepcopy(model)
-    remove_frozen_ops(full)  # the full copy runs the plain modules (no wrapper check either)
-    for p in full.parameters():
-        p.requires_grad_(True)
-    full_opt = make_optimizer(full, cfg)
-    full_opt.load_state_dict(opt.state_dict())
+    full, full_opt = fork_full(model, opt, cfg)
     if not ctl.state.switched:
         ctl.switch_now(hooks.ctx, "fallback: the criterion did not fire")
     timed = {"frozen": [0.0, 0.0], "full": [0.0, 0.0]}  # [wall, cpu] seconds over steps K+1..T
