@@ -167,7 +167,7 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
 
     cfg = _race_cfg()
     sel = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
-                     sharpness=True)
+                     sharpness=True, cooldown=0.025)
     at = sel.evidence["race_steps"]
     assert at == 12 and sel.run["status"] == "finished" and sel.run["steps"] == 60
     # the same steps as a plain run at the winning rate (no race controller, never stopped)
@@ -199,20 +199,28 @@ def test_early_race_continues_the_winner_bit_identically(tmp_path):
             r.close()
     assert loser_steps == 2 * at
     curv = sel.evidence["curvature"]
-    assert sel.choose.steps == curv["warmup_steps"] + loser_steps
+    cool = sum(c["cool_steps"] for c in sel.evidence["candidates"])
+    assert sel.choose.steps == curv["warmup_steps"] + loser_steps + cool
     race_hvps = sum(c["hvps"] for c in sel.evidence["candidates"])
     assert race_hvps > 0 and sel.choose.hvps == curv["hvps"] + race_hvps
-    # each candidate's rung evaluation: the averaged iterate on 512 training examples (a multiple of
-    # the batch size), forward only, a third of a step per batch of examples; no validation pass
-    assert all(c["forward_examples"] == 512 and c["val_loss"] is None for c in sel.evidence["candidates"])
-    assert sel.choose.forward_examples == 3 * 512
-    # by hand: 5 warm-up steps + 2 losers x 12 steps, 2 x HVPs x 64 examples / 64, 3 x 512 / (3 x 64) = 8
-    assert sel.choose.steps == 5 + 24 and sel.choose.hvp_examples == 64
-    assert sel.choose.step_equivalents == pytest.approx(29 + 2 * sel.choose.hvps + 8)
-    assert sel.total_step_equivalents == pytest.approx(29 + 2 * sel.choose.hvps + 8 + 60)
+    # each candidate's rung evaluation (its only rung is the last): the averaged iterate and the
+    # cooled copy, each on 512 training examples (a multiple of the batch size), forward only, a
+    # third of a step per batch of examples; no validation pass. The cooldown branch: 5 steps
+    # (2.5% of 60, at least MIN_RUNG) per candidate, the winner's included (they are not training)
+    assert all(c["forward_examples"] == 1024 and c["val_loss"] is None and c["cool_steps"] == 5
+               for c in sel.evidence["candidates"])
+    assert sel.choose.forward_examples == 3 * 1024
+    w = sel.evidence["winner"]  # ranked by the loss after the cooldown
+    assert sel.evidence["candidates"][w]["cool_loss"] == min(c["cool_loss"] for c in sel.evidence["candidates"])
+    assert sel.evidence["rung_decisions"][-1]["key"] == "cool_loss"
+    # by hand: 5 warm-up steps + 2 losers x 12 steps + 3 x 5 cooldown steps, 2 x HVPs x 64
+    # examples / 64, 3 x 1024 / (3 x 64) = 16
+    assert sel.choose.steps == 5 + 24 + 15 and sel.choose.hvp_examples == 64
+    assert sel.choose.step_equivalents == pytest.approx(44 + 2 * sel.choose.hvps + 16)
+    assert sel.total_step_equivalents == pytest.approx(44 + 2 * sel.choose.hvps + 16 + 60)
     # a second call reads the candidates from the store instead of training them again
     again = select_lr(cfg, "early-race", root=tmp_path, progress=False, race_fraction=0.2, warmup=5, candidates=3,
-                     sharpness=True)
+                     sharpness=True, cooldown=0.025)
     assert again.lr == sel.lr and again.run["run_id"] == sel.run["run_id"]
 
 
@@ -250,6 +258,9 @@ def test_successive_halving_race_resumes_through_rungs_bit_identically(tmp_path)
         finally:
             r.close()
     assert sorted(steps) == [6, 6, 15] and sorted(ev["losers_steps"].values()) == [6, 6, 15]
+    # losers 6 + 6 + 15 steps; no cooldown by default: every rung ranked by the averaged iterate
+    assert all(c["cool_steps"] == 0 and c["cool_loss"] is None for c in first["candidates"] + second["candidates"])
+    assert first["key"] == second["key"] == "avg_loss"
     assert sel.choose.steps == ev["curvature"]["warmup_steps"] + 27
     race_hvps = sum(c["hvps"] for c in second["candidates"])
     assert sel.choose.hvps == ev["curvature"]["hvps"] + race_hvps
@@ -406,6 +417,11 @@ def test_bad_input_is_one_line(capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("trajscope: error: unknown")
+    for args, msg in ((["tune", "digits-mlp", "--method", "curvature", "--cooldown", "0.025"], "applies to"),
+                      (["tune", "digits-mlp", "--cooldown", "1.5", "--steps", "20"], "cooldown must be")):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and msg in err
 
 
 def test_tune_cli_json(tmp_path, capsys):
@@ -417,6 +433,13 @@ def test_tune_cli_json(tmp_path, capsys):
             "total_step_equivalents", "total_wall_s"} <= set(out)
     assert {"steps", "hvps", "hvp_examples", "wall_s", "step_equivalents"} <= set(out["choose"])
     assert out["run"]["status"] == "finished" and out["evidence"]["lambda"] > 0
+    # the race with its opt-in cooldown: the last rung ranked after 5 cooldown steps per candidate
+    rc = main(["tune", "digits-mlp", "--steps", "40", "--record", "minimal", "--cooldown", "0.025",
+               "--root", str(tmp_path / "race"), "--no-progress", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    last = out["evidence"]["rung_decisions"][-1]
+    assert last["key"] == "cool_loss" and all(c["cool_steps"] == 5 for c in last["candidates"])
 
 
 @pytest.mark.parametrize("optimizer,lr", [("prodigy", 1.0), ("schedulefree", 0.0025)])
@@ -671,3 +694,79 @@ def test_bench_workload_study_reseeds_every_run(monkeypatch):
         assert {s for s, _, _ in seen} == {k}
         assert [lr for s, o, lr in seen if o == "sgd"] == B.grid_rates("sgd", study=k)
         assert {o for _, o, _ in seen} >= {"prodigy", "schedulefree", "early-race", "curvature", "range-test"}
+
+
+# ---- the last rung's cooldown branch -------------------------------------------------------------
+def _ctx_after(cfg, steps):
+    """A StepContext of a digits-mlp run after ``steps`` Trainer-order steps (the Trainer's batches)."""
+    from trajscope import workloads
+    from trajscope.events import StepContext
+    from trajscope.train.optim import make_optimizer
+    from trajscope.train.trainer import BatchSampler
+
+    wl = workloads.get(cfg.workload)
+    data = wl.make_data(cfg.seed, cfg.workload_options)
+    torch.manual_seed(cfg.seed)
+    model = wl.make_model(cfg.workload_options)
+    opt = make_optimizer(model, cfg)
+    sampler = BatchSampler(len(data.x_train), cfg.batch_size, cfg.seed)
+    for s in range(1, steps + 1):
+        idx = sampler.indices(s)
+        wl.loss_fn(model(data.x_train[idx]), data.y_train[idx]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return StepContext(cfg, None, model, opt, wl, data, step=steps), sampler
+
+
+def test_cooled_loss_matches_a_hand_written_cooldown():
+    """Plain SGD: the branch is theta_j = theta_{j-1} - lr (1 - (j-1)/m) g_j on the run's next
+    batches, then the subset loss; the reference writes the updates by hand on a copy."""
+    import copy
+
+    from trajscope.controllers.race import cooled_loss, subset_loss
+
+    cfg = RunConfig.for_workload("digits-mlp", optimizer="sgd", momentum=0.0, weight_decay=0.0, lr=0.3, steps=40)
+    ctx, sampler = _ctx_after(cfg, 7)
+    for g in ctx.optimizer.param_groups:
+        g["lr"] = 0.2  # the rate at the rung
+    x, y = ctx.data.x_train[:128], ctx.data.y_train[:128]
+    got = cooled_loss(ctx, 4, x, y, 64)
+    ref = copy.deepcopy(ctx.model)
+    for j in range(1, 5):
+        idx = sampler.indices(7 + j)
+        loss = ctx.loss_fn(ref(ctx.data.x_train[idx]), ctx.data.y_train[idx])
+        grads = torch.autograd.grad(loss, list(ref.parameters()))
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p -= 0.2 * (1 - (j - 1) / 4) * g
+    assert got == pytest.approx(subset_loss(ref, ctx.loss_fn, x, y, 64), rel=1e-5)
+    # a zero-length cooldown is the subset loss of the run as it is (the same model)
+    assert cooled_loss(ctx, 0, x, y, 64) == pytest.approx(subset_loss(ctx.model, ctx.loss_fn, x, y, 64), rel=1e-6)
+
+
+def test_cooled_loss_leaves_the_run_untouched():
+    """With momentum (and AdamW's moments) the branch works on deep copies: the run's weights,
+    buffers, optimizer state, learning rates and random state are exactly as before."""
+    from trajscope.controllers.race import cooled_loss
+
+    for opt in ("sgd", "adamw"):
+        cfg = RunConfig.for_workload("digits-mlp", optimizer=opt, momentum=0.9 if opt == "sgd" else 0.0, steps=40)
+        ctx, _ = _ctx_after(cfg, 5)
+        params = [p.detach().clone() for p in ctx.model.parameters()]
+        state = [v.clone() for s in ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        rates = [g["lr"] for g in ctx.optimizer.param_groups]
+        rng = torch.get_rng_state()
+        loss = cooled_loss(ctx, 5, ctx.data.x_train[:64], ctx.data.y_train[:64], 64)
+        assert math.isfinite(loss)
+        assert all(torch.equal(a, b) for a, b in zip(params, ctx.model.parameters()))
+        after = [v for s in ctx.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        assert len(after) == len(state) and all(torch.equal(a, b) for a, b in zip(state, after))
+        assert [g["lr"] for g in ctx.optimizer.param_groups] == rates and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_cooldown_steps_and_bad_fraction():
+    from trajscope.controllers.race_run import cooldown_steps
+
+    assert cooldown_steps(800, 0.025) == 20 and cooldown_steps(60, 0.025) == 5 and cooldown_steps(800, 0) == 0
+    with pytest.raises(UsageError, match="cooldown"):
+        cooldown_steps(800, 1.5)

@@ -412,6 +412,8 @@ def tune(workload: str = typer.Argument(..., help="Workload name ('trajscope wor
          executor: str = typer.Option("local", "--executor", help="local or ray (the race's candidate runs)."),
          jobs: int = typer.Option(1, "--jobs", min=1, help="Candidate runs in parallel (local executor)."),
          address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (ray executor)."),
+         cooldown: float = typer.Option(0.0, "--cooldown", help="early-race: rank the last rung by the loss after "
+                                        "a cooldown branch of this fraction of the budget (e.g. 0.025; 0: none)."),
          root: Optional[Path] = RootOpt, threads: Optional[int] = ThreadsOpt,
          progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
          as_json: bool = JsonOpt) -> None:
@@ -424,9 +426,14 @@ def tune(workload: str = typer.Argument(..., help="Workload name ('trajscope wor
     workloads.get(workload)
     if executor not in EXECUTORS:
         raise unknown_choice("executor", executor, EXECUTORS)
+    options = {}
+    if cooldown:
+        if method != "early-race":
+            raise UsageError(f"--cooldown applies to --method early-race, not {method}")
+        options["cooldown"] = cooldown
     sel = select_lr(workload, method, optimizer=optimizer, momentum=momentum, steps=steps, seed=seed,
                     root=root, executor=executor, jobs=jobs, address=address, record=record,
-                    progress=progress and not as_json)
+                    progress=progress and not as_json, **options)
     out = sel.to_dict()
     if as_json:
         _echo_json(out)

@@ -102,7 +102,10 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
     ``lr_max`` (range-test); ``warmup``, ``examples`` (default: one batch, at most 128), ``c``
     (curvature and early-race); ``candidates``, ``factor``, ``rungs`` (fractions of the budget),
     ``keep`` (fraction kept per rung), ``race_fraction`` (one rung there instead), ``key`` (what
-    ranks the candidates: ``avg_loss``, ``loss``, ``val_loss``), ``tol`` (tie tolerance) (early-race).
+    ranks the candidates: ``avg_loss``, ``loss``, ``val_loss``), ``tol`` (tie tolerance), ``cooldown``
+    (opt-in: the last rung ranked after a cooldown branch of this fraction of the budget, e.g.
+    0.025; default 0: ranked by ``key``)
+    (early-race).
     """
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
@@ -116,7 +119,7 @@ def select_lr(target, method: str = "early-race", *, optimizer: str | None = Non
     cfg = base_config(target, optimizer, steps, seed, record, momentum, batch_size)
     allowed = {"range-test": {"range_steps", "lr_min", "lr_max"}, "curvature": {"warmup", "examples", "c"},
                "early-race": {"warmup", "examples", "c", "candidates", "factor", "rungs", "keep", "race_fraction",
-                              "tol", "sharpness", "key"}}[method]
+                              "tol", "sharpness", "key", "cooldown"}}[method]
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise unknown_choice(f"option of method {method!r}", unknown[0], allowed)

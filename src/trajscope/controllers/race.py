@@ -18,6 +18,12 @@ Evidence at a rung at step k (theta the parameters, all trainable ones, flattene
   state touched: :func:`subset_loss`); ``forward_examples`` the examples this rung's evaluations
   passed forward (the average's, plus the validation set where ``validate``), counted as choosing
   compute;
+- ``cool_loss`` (what ranks the candidates at the last rung when the race is given a
+  ``cooldown``, opt-in): the loss,
+  on the same examples as ``avg_loss``, of a copy of the run after ``cooldown`` more steps on the
+  run's own next batches with the rate falling linearly from its current value towards 0
+  (:func:`cooled_loss`; the run itself is untouched); ``cool_steps`` those steps, counted as
+  choosing compute (the winner's too); None and 0 at the other rungs;
 - ``loss``: the rung's training loss, the mean of the mini-batch losses (each the batch mean,
   before its update, in train mode) of the last quarter of steps 1..k; ``first_loss`` the loss of
   step 1 (the same batch for every candidate);
@@ -40,7 +46,8 @@ Evidence at a rung at step k (theta the parameters, all trainable ones, flattene
 - ``wall_s``: the seconds this candidate has trained up to the rung, over all its resumes (so that a
   race read back from the store reports the seconds its runs took when they were trained).
 
-:func:`race_decision` (the rule at every rung): a candidate is out if it diverged (a non-finite
+:func:`race_decision` (the rule at every rung; the key is ``cool_loss`` at a rung with a cooldown,
+else ``avg_loss``): a candidate is out if it diverged (a non-finite
 loss; the training loss, the ranking key and, where measured, the validation loss), made no
 progress (``loss >= first_loss``), or, where measured, its stability ratio exceeds
 ``ratio_max`` (2: still unstable after the early transient). The others are ranked by ``avg_loss``
@@ -65,6 +72,27 @@ and mnist5k-cnn SGD (0.100 instead of 0.200: 0.319 against 0.361 at step 30). Wi
 average would hand mnist1d-cnn AdamW to 0.031 (1.022 against 1.017 for 0.0155; 0.031 ends 1.3
 points below 0.0155 in the mean over 3 seeds): the tie rule stood in for the same correction, so
 with the correction made directly it is dropped.
+
+Why a cooldown at the last rung (since session 8): the averaged iterate still ranked rates that
+end best below smaller ones on some pairs (the benchmark's mnist1d-mlp SGD and mnist1d-cnn AdamW,
+every study). A short linear cooldown asks directly where each rate's iterate goes when its rate
+decays, what the schedule does later (the "cooldown" of warmup-stable-decay schedules: a short
+decay from any point of a constant-rate run recovers most of the decayed loss). Measured offline
+before adoption (plain loop with the benchmark's configs, seeds 3-8, never the benchmark's 0-2;
+factor-sqrt(2) grids of 9 rates per pair, each rate's full run with its 10% rung evaluated both
+ways, a cooldown of 2.5% of the budget; races of the factor-2 ladders among them, all of a
+ladder's rates ranked at 10% by each key, where the race ranks the 3 its first rung kept): over 6 pairs (mnist1d-mlp, mnist1d-cnn, digits-mlp x SGD, AdamW) and 72 ladders the
+mean regret against the ladder's best final is 0.50 points with the cooldown against 0.77 with the
+averaged iterate (paired difference -0.28, standard error 0.14; 23 against 28 ladders more than
+0.5 points off), lower or equal on every pair (mnist1d-mlp SGD 0.70 against 1.61), and the second
+half of the seeds (6-8, a replicate run after the first look at 3-5) gave -0.37 +- 0.20 on its own.
+It costs ``cooldown`` steps per candidate at the last rung (3 x 2.5% = 0.075 budgets at 0.025).
+**It is opt-in, because the benchmark did not confirm the gain**: ``benchmarks/lr_selection.py
+--studies 3`` with ``cooldown=0.025`` changed 4 of 30 picks (mnist1d-cnn SGD study 0 a factor 2
+down, 1.1 points lower; mnist1d-cnn AdamW study 2 a factor 2 up, 1.2 higher; mnist5k-cnn AdamW
+study 2, 0.3 lower; modadd-mlp SGD, where nothing learns), left within pairs and workloads as they
+were (6 of 10 and 2 of 5 on study 0, 7 and 2 on the medians), and took ``compute_ratio`` from 1.40
+to 1.49, at the edge of the 1.5 target.
 
 Why the training loss and not the validation loss: at 5% of the budget, the validation loss of the
 rates that end best is the worst of all on the BatchNorm CNNs (mnist1d-cnn: 3.98 at lr 0.25
@@ -166,6 +194,40 @@ def subset_loss(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tenso
     return total / len(x)
 
 
+def cooled_loss(ctx: StepContext, steps: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """The loss on (``x``, ``y``) (as :func:`subset_loss`) after a short cooldown branched off the
+    run at ``ctx.step``: a copy of the model and of the optimizer state (deep: the optimizer's own
+    ``load_state_dict`` would share the momentum tensors) takes ``steps`` more steps on the run's
+    own next batches (the Trainer's ``BatchSampler``, steps ``ctx.step + 1 ..``) with every group's
+    rate falling linearly from its current value, lr * (1 - (j - 1) / steps) at the j-th step. The
+    run itself (model, buffers, optimizer state, random state) is left exactly as it was; inf if the
+    branch diverges."""
+    import copy
+
+    from trajscope.train.optim import make_optimizer
+    from trajscope.train.trainer import BatchSampler
+
+    model = copy.deepcopy(ctx.model)
+    opt = make_optimizer(model, ctx.config)
+    opt.load_state_dict(copy.deepcopy(ctx.optimizer.state_dict()))
+    rates = [g["lr"] for g in ctx.optimizer.param_groups]
+    data = ctx.data
+    sampler = BatchSampler(len(data.x_train), int(ctx.config.batch_size), int(ctx.config.seed))
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        for j in range(1, steps + 1):
+            for g, lr in zip(opt.param_groups, rates):
+                g["lr"] = lr * (1 - (j - 1) / steps)
+            idx = sampler.indices(ctx.step + j)
+            loss = ctx.loss_fn(model(data.x_train[idx]), data.y_train[idx])
+            if not torch.isfinite(loss):
+                return math.inf
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return subset_loss(model, ctx.loss_fn, x, y, batch_size)
+
+
 def mean_cosine(vectors: torch.Tensor) -> float:
     """Mean off-diagonal cosine similarity of the rows of ``vectors`` (m, P), m >= 2."""
     v = vectors.double()
@@ -195,15 +257,20 @@ class RaceController(Controller):
 
     def __init__(self, name: str | None = None, at: int = 50, rungs: Sequence[int] | None = None,
                  examples: int = 128, chunks: int = 8, stop: bool = True,
-                 sharpness_at: Sequence[int] | None = None, avg_examples: int = 512, validate: bool = False):
+                 sharpness_at: Sequence[int] | None = None, avg_examples: int = 512, validate: bool = False,
+                 cooldown: int = 0, cooldown_at: Sequence[int] | None = None):
         super().__init__(name)
         rungs = sorted({int(r) for r in (rungs if rungs else (at,))})
         if rungs[0] < 2 or chunks < 2:
             raise UsageError(f"race needs rungs >= 2 and chunks >= 2, got rungs={rungs}, chunks={chunks}")
         self.examples, self.chunks, self.stop, self.avg_examples = examples, chunks, stop, avg_examples
         self.validate = bool(validate)
+        if int(cooldown) < 0:
+            raise UsageError(f"race cooldown must be >= 0 steps, got {cooldown}")
+        self.cooldown = int(cooldown)
         self._sums: dict[int, list] = {}  # rung -> [sum of theta over its last quarter so far, count]
         self.sharpness_at = set(rungs[-1:] if sharpness_at is None else (int(r) for r in sharpness_at))
+        self.cooldown_at = set(rungs[-1:] if cooldown_at is None else (int(r) for r in cooldown_at))
         self.state = RaceState(rungs=rungs)
         self.stop_requested = False
         self._clock = (time.perf_counter(), 0.0)  # (when this fit started, seconds trained before it)
@@ -291,6 +358,14 @@ class RaceController(Controller):
             n_avg = max(bs, min(self.avg_examples, n) // bs * bs)
             avg_loss = subset_loss(ctx.model, ctx.loss_fn, ctx.data.x_train[:n_avg], ctx.data.y_train[:n_avg], bs,
                                    total / count)
+        cool_loss, cool_steps = None, 0
+        if self.cooldown and ctx.step in self.cooldown_at:
+            n = len(ctx.data.x_train)
+            bs = min(int(ctx.config.batch_size), n)
+            n_cool = max(bs, min(self.avg_examples, n) // bs * bs)
+            cool_loss = cooled_loss(ctx, self.cooldown, ctx.data.x_train[:n_cool], ctx.data.y_train[:n_cool], bs)
+            cool_steps = self.cooldown
+            n_avg += n_cool
         val_loss = val_metric = None
         n_val = 0
         if self.validate:
@@ -309,11 +384,12 @@ class RaceController(Controller):
                 "forward_examples": n_avg + n_val,
                 "distance": float((theta - theta0).norm() / theta0.norm().clamp_min(1e-12)),
                 "update_mds": mean_cosine(disp) if len(disp) >= 2 else None,
-                "val_loss": val_loss, "val_metric": val_metric}
+                "val_loss": val_loss, "val_metric": val_metric, "cool_loss": cool_loss, "cool_steps": cool_steps}
 
 
-KEYS = {"avg_loss": "averaged-iterate loss", "loss": "training loss", "val_loss": "validation loss"}
-TIES = {"avg_loss": 0.0, "loss": 0.02, "val_loss": 0.02}  # each key's default tie tolerance (module docstring)
+KEYS = {"avg_loss": "averaged-iterate loss", "loss": "training loss", "val_loss": "validation loss",
+        "cool_loss": "loss after a cooldown"}
+TIES = {"avg_loss": 0.0, "loss": 0.02, "val_loss": 0.02, "cool_loss": 0.0}  # each key's default tie tolerance (module docstring)
 
 
 def _num(v) -> float:

@@ -7,14 +7,17 @@
    rung. All candidates run to the first rung; :func:`~trajscope.controllers.race.race_decision`
    keeps ``ceil(n * keep)`` of them (default half, ranked by the loss of the averaged iterate of
    the rung's last quarter, ``key="avg_loss"``), which are resumed to the next rung, and so on;
-   the last rung keeps one. Runs go through :func:`trajscope.sweep.run_configs`
+   the last rung keeps one (with ``cooldown`` > 0, opt-in, and the default key: ranked by the loss
+   after a cooldown branch of ``cooldown`` x budget steps, at least MIN_RUNG; see
+   :mod:`trajscope.controllers.race` for what it was measured to do). Runs go through :func:`trajscope.sweep.run_configs`
    (``executor``/``jobs``/``address``); a candidate already in the store at or past the rung is
    read, not trained again;
 4. the winner is resumed from its last checkpoint to the end of the budget; the decision is stored
    in it at the last rung.
 
 Compute (choosing): the curvature estimate's warm-up steps and Hessian-vector products, each
-loser's steps up to the rung it lost at (or diverged), the race's own Hessian-vector products, and
+loser's steps up to the rung it lost at (or diverged), the cooldown branches' steps (every
+candidate at the last rung, the winner's included), the race's own Hessian-vector products, and
 every candidate's forward-only rung evaluations (the averaged iterate on ``AVG_EXAMPLES`` training
 examples, a third of a step per batch of examples; the validation set too only with
 ``key="val_loss"``, the one key it ranks by); the winner's steps are all training. With the
@@ -46,6 +49,7 @@ from trajscope.errors import UsageError
 RUNGS = (0.025, 0.10)  # fractions of the budget where the race decides
 MIN_RUNG = 5          # steps
 AVG_EXAMPLES = 512    # training examples for the averaged-iterate loss at a rung
+COOLDOWN = 0.0        # the last rung's cooldown branch, a fraction of the budget (0: none; opt in, e.g. 0.025)
 
 
 def candidate_rates(center: float, n: int = 6, factor: float = 2.0) -> list[float]:
@@ -69,8 +73,16 @@ def rung_steps(budget: int, fractions: Sequence[float]) -> list[int]:
     return sorted({race_steps(budget, f) for f in fractions})
 
 
+def cooldown_steps(budget: int, fraction: float) -> int:
+    """Steps of the last rung's cooldown branch at ``fraction`` of the budget (0: none; else at least
+    MIN_RUNG)."""
+    if not 0 <= fraction < 1:
+        raise UsageError(f"the race's cooldown must be a fraction in [0, 1), got {fraction}")
+    return 0 if fraction == 0 else max(MIN_RUNG, round(fraction * budget))
+
+
 def race_config(cfg: RunConfig, lr: float, rungs: Sequence[int], examples: int, sharpness: bool = False,
-                avg_examples: int = AVG_EXAMPLES, validate: bool = False) -> RunConfig:
+                avg_examples: int = AVG_EXAMPLES, validate: bool = False, cooldown: int = 0) -> RunConfig:
     """``cfg`` at rate ``lr`` with a race controller stopping at each of ``rungs`` (``sharpness``: the
     stability ratio on ``examples`` training examples at the last rung; ``avg_examples``: training
     examples for the averaged-iterate loss; ``validate``: the validation pass at each rung, only
@@ -81,6 +93,8 @@ def race_config(cfg: RunConfig, lr: float, rungs: Sequence[int], examples: int, 
     opts.update({"examples": examples} if sharpness else {"sharpness_at": []})
     opts["avg_examples"] = int(avg_examples)
     opts["validate"] = bool(validate)
+    if cooldown:  # only where used, so that the ids of races stored without one stay the same
+        opts["cooldown"] = int(cooldown)
     spec = CallbackSpec(kind="race", options=opts)
     return cfg.model_copy(update={"lr": float(lr), "controllers": cfg.controllers + (spec,)})
 
@@ -160,7 +174,7 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
                warmup: int | None = None, examples: int | None = None, c: float | None = None, candidates: int = 6,
                factor: float = 2.0, rungs: Sequence[float] = RUNGS, keep: float = 0.5,
                sharpness: bool = False, race_fraction: float | None = None, key: str = "avg_loss",
-               tol: float | None = None):
+               tol: float | None = None, cooldown: float = COOLDOWN):
     """The race (see the module docstring); returns an :class:`~trajscope.controllers.lr_select.LRSelection`.
     ``race_fraction``: a one-rung race at that fraction (instead of ``rungs``); ``key``: what ranks
     the candidates at a rung (:data:`~trajscope.controllers.race.KEYS`); ``tol``: the tie tolerance
@@ -172,12 +186,14 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
 
     if not 0 < keep < 1:
         raise UsageError(f"keep must be in (0, 1), got {keep}")
+    n_cool = cooldown_steps(cfg.steps, cooldown) if key == "avg_loss" else 0  # another key ranks by itself
     t0 = time.perf_counter()
     curv = _curvature(cfg, make_loop(), warmup=warmup, examples=examples, c=c)
     rates = candidate_rates(curv.lr, candidates, factor)
     steps = rung_steps(cfg.steps, (race_fraction,) if race_fraction is not None else tuple(rungs))
     n_ex = examples or min(cfg.batch_size, MAX_EXAMPLES)
-    configs = [race_config(cfg, lr, steps, n_ex, sharpness, validate=key == "val_loss") for lr in rates]
+    configs = [race_config(cfg, lr, steps, n_ex, sharpness, validate=key == "val_loss", cooldown=n_cool)
+               for lr in rates]
     t_race = time.perf_counter()
     alive = list(range(len(rates)))
     runs: dict[int, dict[str, Any]] = {}
@@ -186,21 +202,24 @@ def early_race(cfg: RunConfig, make_loop: Callable[[], ShortLoop], *, root=None,
     for k, rung in enumerate(steps):
         for i, r in zip(alive, _advance([configs[i] for i in alive], rung, root, executor, jobs, address, progress)):
             runs[i] = r
-        evidence = [_rung_evidence(rates[i], runs[i], rung, key) for i in alive]
-        n_keep = 1 if k == len(steps) - 1 else max(1, math.ceil(len(alive) * keep))
-        d = race_decision(evidence, tol=tol, keep=n_keep, key=key)
+        last = k == len(steps) - 1
+        rung_key = "cool_loss" if last and n_cool else key  # the cooldown branch ranks the last rung
+        evidence = [_rung_evidence(rates[i], runs[i], rung, rung_key) for i in alive]
+        n_keep = 1 if last else max(1, math.ceil(len(alive) * keep))
+        d = race_decision(evidence, tol=tol if rung_key == key else None, keep=n_keep, key=rung_key)
         kept = [alive[j] for j in d["keep"]]
         for j, i in enumerate(alive):
             if i not in kept:
                 out_at[i] = min(runs[i]["steps"], rung)
-        decisions.append({"step": rung, "candidates": evidence, "verdicts": d["verdicts"], "reason": d["reason"],
-                          "kept": kept})
+        decisions.append({"step": rung, "key": rung_key, "candidates": evidence, "verdicts": d["verdicts"],
+                          "reason": d["reason"], "kept": kept})
         alive = kept
     w = alive[0]
     batch = curv.choose.batch_size
     race_hvps = sum(e.get("hvps") or 0 for d in decisions for e in d["candidates"])
     forwards = sum(e.get("forward_examples") or 0 for d in decisions for e in d["candidates"])
-    choose = curv.choose.add(Compute(batch, steps=sum(out_at.values()), hvps=race_hvps,
+    cool = sum(e.get("cool_steps") or 0 for d in decisions for e in d["candidates"])  # the winner's too
+    choose = curv.choose.add(Compute(batch, steps=sum(out_at.values()) + cool, hvps=race_hvps,
                                      hvp_examples=n_ex if race_hvps else 0, forward_examples=forwards))
     # wall time: the curvature estimate and the losers' race runs (each run's own seconds, so the
     # figure does not depend on how many ran in parallel); the winner's race seconds are training
