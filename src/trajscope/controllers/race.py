@@ -73,15 +73,16 @@ average would hand mnist1d-cnn AdamW to 0.031 (1.022 against 1.017 for 0.0155; 0
 points below 0.0155 in the mean over 3 seeds): the tie rule stood in for the same correction, so
 with the correction made directly it is dropped.
 
-Why a cooldown at the last rung (since session 8): the averaged iterate still ranked rates that
+Why a cooldown at the last rung (opt-in, session 8): the averaged iterate still ranked rates that
 end best below smaller ones on some pairs (the benchmark's mnist1d-mlp SGD and mnist1d-cnn AdamW,
 every study). A short linear cooldown asks directly where each rate's iterate goes when its rate
 decays, what the schedule does later (the "cooldown" of warmup-stable-decay schedules: a short
 decay from any point of a constant-rate run recovers most of the decayed loss). Measured offline
-before adoption (plain loop with the benchmark's configs, seeds 3-8, never the benchmark's 0-2;
+first (plain loop with the benchmark's configs, seeds 3-8, never the benchmark's 0-2;
 factor-sqrt(2) grids of 9 rates per pair, each rate's full run with its 10% rung evaluated both
 ways, a cooldown of 2.5% of the budget; races of the factor-2 ladders among them, all of a
-ladder's rates ranked at 10% by each key, where the race ranks the 3 its first rung kept): over 6 pairs (mnist1d-mlp, mnist1d-cnn, digits-mlp x SGD, AdamW) and 72 ladders the
+ladder's rates ranked at 10% by each key, where the race ranks the 3 its first rung kept): over
+6 pairs (mnist1d-mlp, mnist1d-cnn, digits-mlp x SGD, AdamW) and 72 ladders the
 mean regret against the ladder's best final is 0.50 points with the cooldown against 0.77 with the
 averaged iterate (paired difference -0.28, standard error 0.14; 23 against 28 ladders more than
 0.5 points off), lower or equal on every pair (mnist1d-mlp SGD 0.70 against 1.61), and the second
