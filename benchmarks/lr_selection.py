@@ -243,53 +243,43 @@ def median(xs: list[float]) -> float:
 
 
 def summarize_studies(studies: list[list[dict]], budgets: dict[str, int]) -> dict:
-    """AlgoPerf's external-tuning score over independent studies: per (workload, optimizer) the median
-    over studies of the grid's best trial's final and of each method's final (a failed or unfinished
-    run counts as 0), and per workload the median over studies of steps to target (never: inf).
-    ``within_pairs`` / ``workloads_within_target`` / ``beats_lr_free`` / ``grid_best_beats_lr_free``
-    as in the single-study summary, on the medians; ``compute_ratio`` the mean over studies and pairs."""
+    """AlgoPerf's external-tuning score over independent studies: per (workload, method, optimizer)
+    one row of medians over the studies (the final, a failed or unfinished run counting as 0; steps
+    to target, never counting as inf) and the mean total compute, scored by :func:`summarize` as a
+    single study is (``within_pairs``, ``workloads_within_target``, ``beats_lr_free``,
+    ``compute_ratio``, ``grid_best_beats_lr_free``); ``pairs`` lists each pair's per-study finals."""
     inf = float("inf")
-    final = lambda r: r["final_metric"] if math.isfinite(r["final_metric"]) else 0.0  # noqa: E731
-    to_target = lambda r: inf if r["steps_to_target"] is None else r["steps_to_target"]  # noqa: E731
-
-    def pick(rows, wl, method, opt=None):
-        return [r for r in rows if r["workload"] == wl and r["method"] == method and (opt is None or r["optimizer"] == opt)]
-
-    pairs, methods = [], {m: {"within_pairs": 0, "workloads_within_target": 0, "beats_lr_free": 0} for m in TRAJSCOPE}
-    lr_free, oracle = {}, 0
+    groups: dict[tuple, list[dict]] = {}
+    for rows in studies:
+        for r in rows:
+            groups.setdefault((r["workload"], r["method"], r["optimizer"]), []).append(r)
+    med, stats = [], {}
+    for (wl, m, opt), got in groups.items():
+        finals = [r["final_metric"] if math.isfinite(r["final_metric"]) else 0.0 for r in got]
+        tt = median([inf if r["steps_to_target"] is None else r["steps_to_target"] for r in got])
+        totals = [r["total_steps"] for r in got if math.isfinite(r["total_steps"])]
+        stats[wl, m, opt] = {"finals": finals, "median": median(finals), "lrs": [r["lr"] for r in got],
+                             "steps_to_target": tt}
+        med.append({"workload": wl, "method": m, "optimizer": opt, "status": "finished", "final_metric": median(finals),
+                    "steps_to_target": None if tt == inf else tt,
+                    "total_steps": sum(totals) / len(totals) if totals else float("nan")})
+    scored = summarize(med, budgets)
+    methods = {m: {k: scored["methods"][m][k] for k in ("within_pairs", "workloads_within_target", "beats_lr_free",
+                                                           "compute_ratio")} for m in TRAJSCOPE}
+    pairs = []
     for wl in budgets:
-        free = lr_free[wl] = {name: median([to_target(r) for rows in studies for r in pick(rows, wl, name)])
-                              for name in ("prodigy", "schedulefree")}
-        ok = {m: [] for m in TRAJSCOPE}
-        fastest = {m: inf for m in ("grid",) + TRAJSCOPE}
         for opt in ("sgd", "adamw"):
-            entry = {"workload": wl, "optimizer": opt}
-            for m in ("grid",) + TRAJSCOPE:
-                got = [r for rows in studies for r in pick(rows, wl, m, opt)]
-                entry[m] = {"finals": [final(r) for r in got], "median": median([final(r) for r in got]),
-                            "lrs": [r["lr"] for r in got],
-                            "steps_to_target": median([to_target(r) for r in got])}
-            for m in TRAJSCOPE:
-                good = bool(entry[m]["median"] >= entry["grid"]["median"] - 0.005)
-                entry.setdefault("within", {})[m] = good
-                ok[m].append(good)
-                methods[m]["within_pairs"] += good
-                fastest[m] = min(fastest[m], entry[m]["steps_to_target"])
-            fastest["grid"] = min(fastest["grid"], entry["grid"]["steps_to_target"])
+            entry = {"workload": wl, "optimizer": opt, **{m: stats[wl, m, opt] for m in ("grid",) + TRAJSCOPE}}
+            entry["within"] = {m: within(entry[m]["median"], entry["grid"]["median"]) for m in TRAJSCOPE}
             pairs.append(entry)
-        oracle += fastest["grid"] < inf and all(fastest["grid"] < f for f in free.values())
-        for m in TRAJSCOPE:
-            methods[m]["workloads_within_target"] += all(ok[m])
-            methods[m]["beats_lr_free"] += fastest[m] < inf and all(fastest[m] < f for f in free.values())
-    for m in TRAJSCOPE:
-        ratios = [r["total_steps"] / budgets[r["workload"]] for rows in studies for r in rows
-                  if r["method"] == m and math.isfinite(r["total_steps"])]
-        methods[m]["compute_ratio"] = sum(ratios) / max(len(ratios), 1)
-    best = max(TRAJSCOPE, key=lambda m: (methods[m]["workloads_within_target"], -methods[m]["compute_ratio"]))
+    lr_free = {wl: {name: stats[wl, name, name]["steps_to_target"] for name in ("prodigy", "schedulefree")}
+               for wl in budgets}
+    best = scored["best_method"]
     return {"n": len(studies), "best_method": best, "compute_ratio": methods[best]["compute_ratio"],
             "workloads_within_target": methods[best]["workloads_within_target"],
             "within_pairs": methods[best]["within_pairs"], "beats_lr_free": methods[best]["beats_lr_free"],
-            "grid_best_beats_lr_free": oracle, "methods": methods, "pairs": pairs, "lr_free_steps_to_target": lr_free}
+            "grid_best_beats_lr_free": scored["grid_best_beats_lr_free"], "methods": methods, "pairs": pairs,
+            "lr_free_steps_to_target": lr_free}
 
 
 def studies_table(summary: dict) -> str:

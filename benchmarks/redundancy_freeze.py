@@ -57,7 +57,7 @@ from trajscope.controllers import LoopHooks
 from trajscope.controllers.freeze import FreezeController
 from trajscope.controllers.frozen_ops import MODES as FROZEN_OPS_MODES, dense_modules, remove_frozen_ops
 from trajscope.train import Trainer
-from trajscope.train.optim import make_optimizer, schedule_factor
+from trajscope.train.optim import copy_optimizer, make_optimizer, schedule_factor
 from trajscope.train.trainer import BatchSampler
 
 WORKLOADS = ("mnist1d-cnn", "cifar10-resnet20")
@@ -95,16 +95,13 @@ def train_step(model, opt, wl, x, y, lr: float) -> tuple[float, float, tuple[flo
 
 def fork_full(model, opt, cfg):
     """The full copy at the switch: the same weights, unfrozen, on the plain modules (no frozen
-    operator, no wrapper check), with a *copy* of the optimizer state. ``load_state_dict`` alone
-    would share the momentum tensors (it keeps tensors that already have the right dtype and
-    device), so both sides' in-place updates would go into one buffer; the state is deep-copied."""
+    operator, no wrapper check), with its own copy of the optimizer state (``copy_optimizer``:
+    ``load_state_dict`` alone would share the momentum tensors between the two sides)."""
     full = copy.deepcopy(model)
     remove_frozen_ops(full)
     for p in full.parameters():
         p.requires_grad_(True)
-    full_opt = make_optimizer(full, cfg)
-    full_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    return full, full_opt
+    return full, copy_optimizer(opt, full, cfg)
 
 
 def one_seed(name: str, seed: int, args, bar) -> dict:

@@ -197,20 +197,19 @@ def subset_loss(model: torch.nn.Module, loss_fn, x: torch.Tensor, y: torch.Tenso
 
 def cooled_loss(ctx: StepContext, steps: int, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """The loss on (``x``, ``y``) (as :func:`subset_loss`) after a short cooldown branched off the
-    run at ``ctx.step``: a copy of the model and of the optimizer state (deep: the optimizer's own
-    ``load_state_dict`` would share the momentum tensors) takes ``steps`` more steps on the run's
+    run at ``ctx.step``: a copy of the model and of the optimizer state
+    (:func:`~trajscope.train.optim.copy_optimizer`) takes ``steps`` more steps on the run's
     own next batches (the Trainer's ``BatchSampler``, steps ``ctx.step + 1 ..``) with every group's
     rate falling linearly from its current value, lr * (1 - (j - 1) / steps) at the j-th step. The
     run itself (model, buffers, optimizer state, random state) is left exactly as it was; inf if the
     branch diverges."""
     import copy
 
-    from trajscope.train.optim import make_optimizer
+    from trajscope.train.optim import copy_optimizer
     from trajscope.train.trainer import BatchSampler
 
     model = copy.deepcopy(ctx.model)
-    opt = make_optimizer(model, ctx.config)
-    opt.load_state_dict(copy.deepcopy(ctx.optimizer.state_dict()))
+    opt = copy_optimizer(ctx.optimizer, model, ctx.config)
     rates = [g["lr"] for g in ctx.optimizer.param_groups]
     data = ctx.data
     sampler = BatchSampler(len(data.x_train), int(ctx.config.batch_size), int(ctx.config.seed))
@@ -351,22 +350,19 @@ class RaceController(Controller):
                 ratio = lam / stability_threshold(ctx.optimizer)
             except ValueError:
                 ratio = None
+        # the ranking losses' examples: the first avg_examples training examples, a multiple of the batch
+        n = len(ctx.data.x_train)
+        bs = min(int(ctx.config.batch_size), n)
+        n_sub = max(bs, min(self.avg_examples, n) // bs * bs)
+        x_sub, y_sub = ctx.data.x_train[:n_sub], ctx.data.y_train[:n_sub]
         avg_loss, n_avg = None, 0
         if ctx.step in self._sums:  # the rung's last quarter of iterates, averaged (Polyak-Ruppert)
             total, count = self._sums[ctx.step]
-            n = len(ctx.data.x_train)
-            bs = min(int(ctx.config.batch_size), n)
-            n_avg = max(bs, min(self.avg_examples, n) // bs * bs)
-            avg_loss = subset_loss(ctx.model, ctx.loss_fn, ctx.data.x_train[:n_avg], ctx.data.y_train[:n_avg], bs,
-                                   total / count)
+            avg_loss, n_avg = subset_loss(ctx.model, ctx.loss_fn, x_sub, y_sub, bs, total / count), n_sub
         cool_loss, cool_steps = None, 0
         if self.cooldown and ctx.step in self.cooldown_at:
-            n = len(ctx.data.x_train)
-            bs = min(int(ctx.config.batch_size), n)
-            n_cool = max(bs, min(self.avg_examples, n) // bs * bs)
-            cool_loss = cooled_loss(ctx, self.cooldown, ctx.data.x_train[:n_cool], ctx.data.y_train[:n_cool], bs)
-            cool_steps = self.cooldown
-            n_avg += n_cool
+            cool_loss, cool_steps = cooled_loss(ctx, self.cooldown, x_sub, y_sub, bs), self.cooldown
+            n_avg += n_sub
         val_loss = val_metric = None
         n_val = 0
         if self.validate:

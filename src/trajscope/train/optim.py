@@ -63,6 +63,18 @@ def muon_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]
     return [p for p in params if id(p) in hidden], [p for p in params if id(p) not in hidden]
 
 
+def copy_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """A new optimizer over ``model`` (:func:`make_optimizer`) with a deep copy of ``optimizer``'s
+    state and groups, for a copy of the model that trains on its own. ``load_state_dict`` alone is
+    not enough: it keeps every state tensor that already has the right dtype and device, so the two
+    optimizers would update the same momentum buffers in place."""
+    import copy
+
+    out = make_optimizer(model, config)
+    out.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return out
+
+
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     params: Iterable[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
     betas = (config.beta1, config.beta2)
